@@ -1,0 +1,56 @@
+"""Kafka record header names. Values are UTF-8 text, so console tools print them as is."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CONTENT_TYPE",
+    "ERROR_CLASS",
+    "ERROR_MESSAGE",
+    "EVENT_ID",
+    "EVENT_TYPE",
+    "FAILED_AT",
+    "NOTIFICATION_ID",
+    "ORIGINAL_OFFSET",
+    "ORIGINAL_PARTITION",
+    "ORIGINAL_TOPIC",
+    "SCHEMA",
+    "TRACEPARENT",
+    "ATTEMPTS",
+    "as_dict",
+    "header_value",
+]
+
+EVENT_TYPE = "herald-event-type"
+EVENT_ID = "herald-event-id"
+NOTIFICATION_ID = "herald-notification-id"
+CONTENT_TYPE = "content-type"
+SCHEMA = "herald-schema"  # "<full name>@<fingerprint or registry id>"
+TRACEPARENT = "traceparent"  # W3C trace context
+
+# Dead-letter records keep the original value and say where it came from and why.
+ORIGINAL_TOPIC = "herald-original-topic"
+ORIGINAL_PARTITION = "herald-original-partition"
+ORIGINAL_OFFSET = "herald-original-offset"
+ERROR_CLASS = "herald-error-class"
+ERROR_MESSAGE = "herald-error-message"
+FAILED_AT = "herald-failed-at"
+ATTEMPTS = "herald-attempts"
+
+Headers = list[tuple[str, bytes]]
+
+
+def header_value(raw: object) -> str:
+    """A header value as text, whatever the client handed us (bytes, str or None)."""
+    if raw is None:
+        return ""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        return bytes(raw).decode("utf-8", errors="replace")
+    return str(raw)
+
+
+def as_dict(headers: object) -> dict[str, str]:
+    """Headers from either client (a list of pairs, a mapping or None) as a dict of text."""
+    if not headers:
+        return {}
+    items = headers.items() if isinstance(headers, dict) else headers
+    return {str(k): header_value(v) for k, v in items}  # type: ignore[attr-defined]

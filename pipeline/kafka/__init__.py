@@ -1,0 +1,1 @@
+"""Kafka clients, topic administration and the local broker."""

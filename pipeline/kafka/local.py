@@ -1,0 +1,333 @@
+"""A local Apache Kafka broker run from the jars that kafka/pom.xml provisions.
+
+One KRaft node in combined mode (broker and controller), listening on loopback only. Its
+files live under one directory (``HERALD_KAFKA_HOME``, default ``.herald/kafka``)::
+
+    lib/                 the classpath (``make kafka-jars`` copies it from Maven)
+    config/              server.properties and log4j2.properties, written by ``up``
+    data/                the log directory, formatted once with kafka.tools.StorageTool
+    logs/server.log      broker output
+    broker.pid           pid of the running broker
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["KafkaNotProvisionedError", "KafkaStartError", "LocalKafka", "console_tools"]
+
+# Kafka's console tools, by the name `herald kafka NAME` gives them.
+console_tools: dict[str, str] = {
+    "console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
+    "console-producer": "org.apache.kafka.tools.ConsoleProducer",
+    "consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+    "topics": "org.apache.kafka.tools.TopicCommand",
+    "producer-perf-test": "org.apache.kafka.tools.ProducerPerformance",
+    "get-offsets": "org.apache.kafka.tools.GetOffsetShell",
+}
+
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+_TOOLS_LOG4J2 = """\
+status = error
+appender.stderr.type = Console
+appender.stderr.name = STDERR
+appender.stderr.target = SYSTEM_ERR
+appender.stderr.layout.type = PatternLayout
+appender.stderr.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.stderr.ref = STDERR
+"""
+
+
+class KafkaNotProvisionedError(RuntimeError):
+    """The broker's jars are missing: run ``make kafka-jars``."""
+
+
+class KafkaStartError(RuntimeError):
+    """The broker did not become ready; the message holds the tail of its log."""
+
+
+@dataclass(frozen=True)
+class LocalKafka:
+    home: Path
+    port: int = 9092
+    controller_port: int = 9093
+    java: str = "java"
+    heap: str = "512m"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def lib(self) -> Path:
+        return self.home / "lib"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "logs" / "server.log"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.home / "broker.pid"
+
+    @property
+    def _data(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def _config(self) -> Path:
+        return self.home / "config"
+
+    def classpath(self) -> str:
+        jars = sorted(self.lib.glob("*.jar")) if self.lib.is_dir() else []
+        if not any(j.name.startswith("kafka_2.13-") for j in jars):
+            raise KafkaNotProvisionedError(
+                f"no Kafka jars in {self.lib}: run `make kafka-jars` "
+                "(mvn -f kafka/pom.xml dependency:copy-dependencies)"
+            )
+        return os.pathsep.join(str(j) for j in jars)
+
+    def version(self) -> str:
+        for jar in self.lib.glob("kafka_2.13-*.jar"):
+            return jar.name.removeprefix("kafka_2.13-").removesuffix(".jar")
+        return "unknown"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def pid(self) -> int | None:
+        """The running broker's pid, or None (a stale pid file is removed)."""
+        try:
+            pid = int(self._pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            self._pid_file.unlink(missing_ok=True)
+            return None
+        return pid
+
+    def is_ready(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(
+            ("127.0.0.1", self.port), timeout=0.5
+        ):
+            return True
+        return False
+
+    def start(self, timeout: float = 90.0) -> float:
+        """Start the broker (formatting storage on first use) and wait until it serves
+        requests. Returns the seconds it took. Already running: returns 0.0."""
+        if self.pid() is not None:
+            return 0.0
+        started = time.monotonic()
+        classpath = self.classpath()
+        self._write_config()
+        if not (self._data / "meta.properties").exists():
+            self._format(classpath)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.home / "logs" / "stdout.log", "ab") as out:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                [
+                    self.java,
+                    f"-Xmx{self.heap}",
+                    f"-Xms{self.heap}",
+                    "-XX:+UseG1GC",
+                    "-XX:TieredStopAtLevel=1",
+                    f"-Dlog4j2.configurationFile={self._config / 'log4j2.properties'}",
+                    f"-Dkafka.logs.dir={self.log_file.parent}",
+                    "-cp",
+                    classpath,
+                    "kafka.Kafka",
+                    str(self._config / "server.properties"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # survives the CLI; `down` stops it
+            )
+        self._pid_file.write_text(str(proc.pid))
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._pid_file.unlink(missing_ok=True)
+                raise KafkaStartError(
+                    f"broker exited with code {proc.returncode}:\n{self._log_tail()}"
+                )
+            if self._broker_ready():
+                return time.monotonic() - started
+            time.sleep(0.2)
+        self.stop()
+        raise KafkaStartError(f"broker not ready after {timeout:.0f}s:\n{self._log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker: SIGTERM for a controlled shutdown, SIGKILL after ``timeout``.
+        Returns False when none was running."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        self._pid_file.unlink(missing_ok=True)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL the broker: a crash, for fault tests."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.05)
+            self._pid_file.unlink(missing_ok=True)
+
+    # -- console tools ---------------------------------------------------------------------
+
+    def tool_command(self, tool: str, args: list[str]) -> list[str]:
+        """argv running one of Kafka's console tools from the broker's classpath."""
+        try:
+            main_class = console_tools[tool]
+        except KeyError:
+            raise ValueError(
+                f"unknown Kafka tool {tool!r}; known: {', '.join(sorted(console_tools))}"
+            ) from None
+        self._config.mkdir(parents=True, exist_ok=True)
+        tools_log = self._config / "tools-log4j2.properties"
+        if not tools_log.exists():
+            tools_log.write_text(_TOOLS_LOG4J2)
+        return [
+            self.java,
+            "-Xmx256m",
+            "-XX:TieredStopAtLevel=1",
+            f"-Dlog4j2.configurationFile={tools_log}",
+            "-cp",
+            self.classpath(),
+            main_class,
+            *args,
+        ]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _broker_ready(self) -> bool:
+        if not self.is_ready():
+            return False
+        # The port opens before the broker has caught up with the metadata log; ask for
+        # metadata so "ready" means it answers requests.
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient(
+            {"bootstrap.servers": self.bootstrap_servers, "socket.timeout.ms": 2000}
+        )
+        try:
+            md = admin.list_topics(timeout=2)
+        except Exception:  # noqa: BLE001 - any failure just means "not yet"
+            return False
+        return bool(md.brokers)
+
+    def _write_config(self) -> None:
+        self._config.mkdir(parents=True, exist_ok=True)
+        self._data.mkdir(parents=True, exist_ok=True)
+        c = f"127.0.0.1:{self.controller_port}"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": c,
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(self._data.resolve()),
+            "num.partitions": "3",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "10",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "10",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Topics are created by Herald with their intended settings; a typo in a topic
+            # name must fail loudly instead of creating a new topic.
+            "auto.create.topics.enable": "false",
+            "log.retention.hours": "168",
+        }
+        text = "".join(f"{k}={v}\n" for k, v in props.items())
+        (self._config / "server.properties").write_text(text)
+        (self._config / "log4j2.properties").write_text(
+            _LOG4J2.format(log=self.log_file.resolve())
+        )
+
+    def _format(self, classpath: str) -> None:
+        base = [
+            self.java,
+            "-Xmx256m",
+            f"-Dlog4j2.configurationFile={self._config / 'log4j2.properties'}",
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+        ]
+        cluster_id = subprocess.run(  # noqa: S603
+            [*base, "random-uuid"], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(  # noqa: S603
+            [
+                *base,
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self._config / "server.properties"),
+                "--standalone",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+
+    def _log_tail(self, lines: int = 30) -> str:
+        out = []
+        for f in (self.home / "logs" / "stdout.log", self.log_file):
+            if f.exists():
+                out.extend(f.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(out[-lines:])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,92 @@
+"""Routing rules, loaded from a TOML file (``HERALD_RULES_FILE``).
+
+    [[rules]]
+    name = "welcome-email"          # unique; part of every notification id it produces
+    event = "user-registered"       # event type
+    channel = "email"
+    recipient = "email"             # dotted path to the recipient field in the event
+    template = "welcome"            # directory under the templates dir
+    when = "locale is none or locale.startswith('en')"   # optional Jinja expression
+
+A rule's name is part of the notification id, so renaming a rule makes its future
+notifications new ones: rename with care.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Rule", "RuleError", "RuleSet", "load_rules"]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+class RuleError(ValueError):
+    """The rules file is invalid; the message names the rule and the key."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    event: str
+    channel: str
+    recipient: str
+    template: str
+    when: str | None = None
+
+
+class RuleSet:
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self._by_event: dict[str, list[Rule]] = {}
+        seen: set[str] = set()
+        for r in rules:
+            if r.name in seen:
+                raise RuleError(f"rule name {r.name!r} is used twice")
+            seen.add(r.name)
+            self._by_event.setdefault(r.event, []).append(r)
+
+    def for_event(self, event_type: str) -> list[Rule]:
+        return self._by_event.get(event_type, [])
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+
+def parse_rules(doc: dict[str, Any], source: str = "rules") -> RuleSet:
+    raw = doc.get("rules", [])
+    if not isinstance(raw, list):
+        raise RuleError(f"{source}: 'rules' must be an array of tables ([[rules]])")
+    rules = []
+    for i, item in enumerate(raw):
+        where = f"{source}: rules[{i}]"
+        if not isinstance(item, dict):
+            raise RuleError(f"{where}: must be a table")
+        unknown = set(item) - {"name", "event", "channel", "recipient", "template", "when"}
+        if unknown:
+            raise RuleError(f"{where}: unknown keys {sorted(unknown)}")
+        for key in ("name", "event", "channel", "recipient", "template"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise RuleError(f"{where}: '{key}' is required and must be a string")
+        if not _NAME.match(item["name"]):
+            raise RuleError(f"{where}: name {item['name']!r} must match {_NAME.pattern}")
+        when = item.get("when")
+        if when is not None and not isinstance(when, str):
+            raise RuleError(f"{where}: 'when' must be a string")
+        rules.append(Rule(**item))
+    return RuleSet(rules)
+
+
+def load_rules(path: Path) -> RuleSet:
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        raise RuleError(f"rules file {path} not found (set HERALD_RULES_FILE)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RuleError(f"{path}: invalid TOML: {e}") from None
+    return parse_rules(doc, str(path))

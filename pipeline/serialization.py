@@ -1,0 +1,311 @@
+"""Avro serialization with two framings behind one interface.
+
+- Avro single-object encoding (``C3 01`` + 8-byte CRC-64-AVRO fingerprint + datum), resolved
+  against schemas/. The default: no registry server needed.
+- Confluent wire format (``00`` + 4-byte big-endian schema id + datum) with any
+  Confluent-compatible Schema Registry. Subjects follow RecordNameStrategy (the record's full
+  name), because one events.<domain> topic carries several event types.
+
+Readers detect the framing from the first bytes, so a topic may hold both (for example while
+migrating to a registry). A record is always read into the newest local version of its
+schema (Avro schema resolution), so code sees one shape however old the data is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import fastavro
+from fastavro.validation import ValidationError as _FastavroValidationError
+
+from pipeline.schemas import Schema, SchemaError, SchemaSet
+
+if TYPE_CHECKING:
+    from pipeline.settings import HeraldSettings
+
+__all__ = [
+    "SINGLE_OBJECT_MAGIC",
+    "CONFLUENT_MAGIC",
+    "AvroSerde",
+    "Decoded",
+    "DecodeError",
+    "MalformedRecordError",
+    "RecordTooLargeError",
+    "RecordValidationError",
+    "SchemaRegistry",
+    "UnexpectedSchemaError",
+    "UnknownFramingError",
+    "UnknownSchemaError",
+    "serde_from_settings",
+]
+
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+
+
+class DecodeError(Exception):
+    """A record's bytes could not be read. Says where the record is and what was wrong."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+        schema: str | None = None,
+    ) -> None:
+        self.reason = reason
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.schema = schema
+        super().__init__(self._message())
+
+    @property
+    def where(self) -> str:
+        if self.topic is None:
+            return "record"
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def _message(self) -> str:
+        schema = f" (schema {self.schema})" if self.schema else ""
+        return f"{self.where}{schema}: {self.reason}"
+
+
+class UnknownFramingError(DecodeError):
+    """The first bytes are neither single-object encoding (C3 01) nor Confluent (00)."""
+
+
+class UnknownSchemaError(DecodeError):
+    """The fingerprint or registry id names a schema we cannot find."""
+
+
+class MalformedRecordError(DecodeError):
+    """The framing is fine but the Avro datum is truncated or corrupt."""
+
+
+class RecordTooLargeError(DecodeError):
+    """The record is over HERALD_MAX_RECORD_BYTES."""
+
+
+class UnexpectedSchemaError(DecodeError):
+    """A well-formed record of a type this reader does not take (e.g. an intent on an
+    events topic)."""
+
+
+class RecordValidationError(ValueError):
+    """A record does not match its schema. ``fields`` names the offending field paths."""
+
+    def __init__(self, schema: str, problems: list[tuple[str, str]]) -> None:
+        self.schema = schema
+        self.problems = problems
+        self.fields = [field for field, _ in problems]
+        super().__init__(f"invalid {schema}: " + "; ".join(f"{f}: {m}" for f, m in problems))
+
+
+@dataclass(frozen=True)
+class Decoded:
+    schema: Schema  # the reader schema (newest local version of the writer's record)
+    writer: str  # "<full name>@<fingerprint hex>" or "<full name>@registry:<id>"
+    record: dict[str, Any]
+
+
+class SchemaRegistry(Protocol):
+    """The part of confluent_kafka's SchemaRegistryClient that Herald uses."""
+
+    def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = ...) -> int:
+        ...
+
+    def get_schema(self, schema_id: int, *args: Any, **kwargs: Any) -> Any:
+        ...
+
+
+class AvroSerde:
+    """Encodes and decodes Herald records. Thread-safe after construction, except for the
+    registry id cache which only ever grows."""
+
+    def __init__(
+        self,
+        schemas: SchemaSet,
+        registry: SchemaRegistry | None = None,
+        max_record_bytes: int = 1_000_000,
+    ) -> None:
+        self.schemas = schemas
+        self.registry = registry
+        self.max_record_bytes = max_record_bytes
+        self._ids: dict[str, int] = {}  # full name -> registry id of our newest version
+        self._by_id: dict[int, tuple[Schema, Any]] = {}  # registry id -> (reader, writer)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def validate(self, full_name: str, record: dict[str, Any]) -> Schema:
+        schema = self.schemas.latest(full_name)
+        try:
+            fastavro.validation.validate(record, schema.parsed, raise_errors=True)
+        except _FastavroValidationError as e:
+            raise RecordValidationError(full_name, _problems(e, full_name)) from None
+        return schema
+
+    def encode(self, full_name: str, record: dict[str, Any]) -> tuple[bytes, str]:
+        """Encode ``record`` with the newest version of ``full_name``.
+        Returns the bytes and the schema reference for the ``herald-schema`` header."""
+        schema = self.validate(full_name, record)
+        buf = io.BytesIO()
+        if self.registry is None:
+            buf.write(SINGLE_OBJECT_MAGIC)
+            buf.write(schema.fingerprint)
+            ref = f"{full_name}@{schema.fingerprint.hex()}"
+        else:
+            schema_id = self._registry_id(schema)
+            buf.write(CONFLUENT_MAGIC)
+            buf.write(struct.pack(">I", schema_id))
+            ref = f"{full_name}@registry:{schema_id}"
+        fastavro.schemaless_writer(buf, schema.parsed, record)
+        return buf.getvalue(), ref
+
+    def _registry_id(self, schema: Schema) -> int:
+        if schema.full_name not in self._ids:
+            from confluent_kafka.schema_registry import Schema as RegistrySchema
+
+            assert self.registry is not None
+            self._ids[schema.full_name] = self.registry.register_schema(
+                schema.full_name, RegistrySchema(schema.to_json(), "AVRO")
+            )
+        return self._ids[schema.full_name]
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def decode(
+        self,
+        data: bytes | None,
+        *,
+        topic: str | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+        expect: str | None = None,
+    ) -> Decoded:
+        """Decode one record value. Raises a DecodeError subclass naming the record's
+        coordinates when the bytes cannot be read, or when ``expect`` (a full name) is given
+        and the record is of another type."""
+        where = {"topic": topic, "partition": partition, "offset": offset}
+        if data is None or len(data) == 0:
+            raise MalformedRecordError("empty value (tombstone?)", **where)
+        if len(data) > self.max_record_bytes:
+            raise RecordTooLargeError(
+                f"{len(data)} bytes, over the {self.max_record_bytes}-byte limit", **where
+            )
+        if data.startswith(SINGLE_OBJECT_MAGIC):
+            if len(data) < 10:
+                raise MalformedRecordError("truncated single-object header", **where)
+            fp = data[2:10]
+            writer = self.schemas.by_fingerprint(fp)
+            if writer is None:
+                raise UnknownSchemaError(
+                    f"no schema in schemas/ has fingerprint {fp.hex()}: the producer used a "
+                    "schema this deployment does not know; deploy its .avsc file",
+                    **where,
+                )
+            reader = self.schemas.latest(writer.full_name)
+            writer_parsed, body, ref = writer.parsed, 10, f"{writer.full_name}@{fp.hex()}"
+        elif data.startswith(CONFLUENT_MAGIC):
+            if len(data) < 5:
+                raise MalformedRecordError("truncated Confluent wire-format header", **where)
+            (schema_id,) = struct.unpack(">I", data[1:5])
+            reader, writer_parsed = self._from_registry(schema_id, where)
+            body, ref = 5, f"{reader.full_name}@registry:{schema_id}"
+        else:
+            raise UnknownFramingError(
+                f"unknown magic byte 0x{data[0]:02x}: not Avro single-object encoding (C3 01) "
+                "nor the Confluent wire format (00)",
+                **where,
+            )
+        if expect is not None and reader.full_name != expect:
+            raise UnexpectedSchemaError(f"expected {expect}, got {reader.full_name}", **where)
+        buf = io.BytesIO(data)
+        buf.seek(body)
+        try:
+            record = fastavro.schemaless_reader(buf, writer_parsed, reader.parsed)
+        except Exception as e:  # fastavro raises EOFError, ValueError, IndexError, ...
+            raise MalformedRecordError(
+                f"corrupt or truncated Avro datum ({type(e).__name__}: {e})",
+                schema=ref,
+                **where,
+            ) from None
+        if buf.tell() != len(data):
+            raise MalformedRecordError(
+                f"{len(data) - buf.tell()} trailing bytes after the Avro datum", schema=ref, **where
+            )
+        if not isinstance(record, dict):
+            raise MalformedRecordError("datum is not a record", schema=ref, **where)
+        return Decoded(schema=reader, writer=ref, record=record)
+
+    def _from_registry(self, schema_id: int, where: dict[str, Any]) -> tuple[Schema, Any]:
+        if schema_id in self._by_id:
+            return self._by_id[schema_id]
+        if self.registry is None:
+            raise UnknownSchemaError(
+                f"Confluent wire-format record (schema id {schema_id}) but no schema registry "
+                "is configured: set SCHEMA_REGISTRY_URL",
+                **where,
+            )
+        try:
+            registered = self.registry.get_schema(schema_id)
+        except Exception as e:
+            raise UnknownSchemaError(
+                f"schema id {schema_id} not found in the registry ({e})", **where
+            ) from None
+        definition = json.loads(registered.schema_str)
+        writer_parsed = fastavro.parse_schema(definition, _write_hint=False)
+        name = str(writer_parsed["name"])
+        try:
+            reader = self.schemas.latest(name)
+        except SchemaError:
+            raise UnknownSchemaError(
+                f"schema id {schema_id} is {name}, which schemas/ does not define", **where
+            ) from None
+        self._by_id[schema_id] = (reader, writer_parsed)
+        return reader, writer_parsed
+
+
+def _problems(e: _FastavroValidationError, full_name: str) -> list[tuple[str, str]]:
+    """(field path, problem) pairs. Values are described by type only: a record may hold
+    personal data or secrets, and errors end up in logs and dead-letter headers."""
+    out: list[tuple[str, str]] = []
+    for err in getattr(e, "errors", ()):
+        path = str(err.field).removeprefix(full_name + ".")
+        expected = _type_name(err.schema)
+        if err.datum is None:
+            out.append((path, f"missing or null, expected {expected}"))
+        else:
+            out.append((path, f"got {type(err.datum).__name__}, expected {expected}"))
+    return out or [("?", str(e))]
+
+
+def _type_name(schema: Any) -> str:
+    if isinstance(schema, dict):
+        return str(schema.get("logicalType") or schema.get("name") or schema.get("type"))
+    if isinstance(schema, list):
+        return " or ".join(_type_name(s) for s in schema)
+    return str(schema)
+
+
+def serde_from_settings(settings: HeraldSettings) -> AvroSerde:
+    """The serializer a Herald process uses: single-object encoding against schemas/, or the
+    Confluent wire format when SCHEMA_REGISTRY_URL is set."""
+    from pipeline.schemas import load_schemas
+
+    registry = None
+    if settings.schema_registry_url:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        registry = SchemaRegistryClient({"url": settings.schema_registry_url})
+    return AvroSerde(
+        load_schemas(settings.schemas_dir.resolve()),
+        registry=registry,
+        max_record_bytes=settings.max_record_bytes,
+    )

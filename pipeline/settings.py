@@ -1,0 +1,111 @@
+"""Herald's settings: one pydantic-settings model, read from the environment.
+
+Setting names are the same on every path (local broker, docker-compose, an existing cluster):
+``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL`` follow the ecosystem's names, every
+other setting is ``HERALD_*``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["HeraldSettings", "SmtpSecurity", "project_root"]
+
+
+def project_root() -> Path:
+    """The source checkout (where schemas/ and config/ live)."""
+    return Path(__file__).resolve().parent.parent
+
+
+class SmtpSecurity(StrEnum):
+    NONE = "none"  # plain SMTP: only for local catchers and tests
+    STARTTLS = "starttls"
+    TLS = "tls"  # implicit TLS (SMTPS, port 465)
+
+
+class HeraldSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HERALD_", extra="ignore", populate_by_name=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "HERALD_KAFKA_BOOTSTRAP_SERVERS"),
+    )
+    topic_prefix: str = ""
+    topic_partitions: int = 3
+    topic_replication_factor: int = 1
+    client_id: str = "herald"
+
+    # Serialization: no registry URL means Avro single-object encoding against schemas/.
+    schema_registry_url: str | None = Field(
+        None, validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "HERALD_SCHEMA_REGISTRY_URL")
+    )
+    schemas_dir: Path = project_root() / "schemas"
+    max_record_bytes: int = 1_000_000
+
+    # Router
+    rules_file: Path = project_root() / "config" / "rules.toml"
+    templates_dir: Path = project_root() / "config" / "templates"
+    router_app_id: str = "herald-router"
+    processing_guarantee: str = "at_least_once"
+    router_data_dir: Path = Path(".herald") / "router"
+
+    # Sinks
+    sink_group_prefix: str = "herald-sink"
+    sink_max_in_flight: int = 32
+    sink_max_attempts: int = 5
+    sink_retry_backoff_ms: int = 200
+    sink_retry_backoff_max_ms: int = 10_000
+
+    # Email
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_security: SmtpSecurity = SmtpSecurity.NONE
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_ca_file: Path | None = None
+    smtp_timeout_s: float = 30.0
+    smtp_connections: int = 4
+    email_from: str = "Herald <notifications@herald.localhost>"
+    message_id_domain: str = "herald.localhost"
+
+    # Local broker provisioned from Maven Central (herald kafka up)
+    kafka_home: Path = Path(".herald") / "kafka"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+
+    def producer_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka settings for an idempotent producer."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.max.bytes": max(self.max_record_bytes + 64 * 1024, 1_000_000),
+        }
+        conf.update(extra)
+        return conf
+
+    def consumer_config(self, group_id: str, **extra: Any) -> dict[str, Any]:
+        """librdkafka settings for a sink consumer: manual commits, committed reads only."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+        }
+        conf.update(extra)
+        return conf
+
+    def admin_config(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.kafka_bootstrap_servers, "client.id": self.client_id}

@@ -1,0 +1,48 @@
+"""Every topic name Herald uses. Nothing else in the code spells one.
+
+Names carry an optional prefix (``HERALD_TOPIC_PREFIX``) so that several Herald installations,
+or test runs, can share one cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CHANNELS", "DOMAINS", "Topics"]
+
+# Event topics are per domain: events.user carries user-registered and
+# password-reset-requested, keyed by user id, so one user's events stay in order.
+DOMAINS: tuple[str, ...] = ("user", "order")
+CHANNELS: tuple[str, ...] = ("email", "sms", "webpush", "fcm", "apns", "webhook", "slack")
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = ""
+
+    def events(self, domain: str) -> str:
+        return f"{self.prefix}events.{domain}"
+
+    def all_events(self) -> list[str]:
+        return [self.events(d) for d in DOMAINS]
+
+    @property
+    def events_dlq(self) -> str:
+        """Records the router could not decode or map."""
+        return f"{self.prefix}events.dlq"
+
+    def notifications(self, channel: str) -> str:
+        return f"{self.prefix}notifications.{channel}"
+
+    def notifications_dlq(self, channel: str) -> str:
+        return f"{self.prefix}notifications.{channel}.dlq"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}notifications.status"
+
+    def all(self, channels: tuple[str, ...] = CHANNELS) -> list[str]:
+        names = [*self.all_events(), self.events_dlq, self.status]
+        for channel in channels:
+            names += [self.notifications(channel), self.notifications_dlq(channel)]
+        return names
