@@ -40,7 +40,10 @@ def dead_letter(
     offset: int,
     error: BaseException,
     attempts: int = 0,
+    error_class: str | None = None,
 ) -> DeadLetter:
+    """``error_class`` overrides the exception's class name (e.g. the provider's own error
+    name when a connector refused the record)."""
     ours = {
         h.ORIGINAL_TOPIC,
         h.ORIGINAL_PARTITION,
@@ -55,7 +58,7 @@ def dead_letter(
         (h.ORIGINAL_TOPIC, topic.encode()),
         (h.ORIGINAL_PARTITION, str(partition).encode()),
         (h.ORIGINAL_OFFSET, str(offset).encode()),
-        (h.ERROR_CLASS, type(error).__name__.encode()),
+        (h.ERROR_CLASS, (error_class or type(error).__name__).encode()),
         (h.ERROR_MESSAGE, safe_header_text(str(error)).encode()),
         (h.FAILED_AT, datetime.now(UTC).isoformat(timespec="milliseconds").encode()),
         (h.ATTEMPTS, str(attempts).encode()),

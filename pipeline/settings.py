@@ -53,7 +53,7 @@ class HeraldSettings(BaseSettings):
     templates_dir: Path = project_root() / "config" / "templates"
     router_app_id: str = "herald-router"
     processing_guarantee: str = "at_least_once"
-    router_data_dir: Path = Path(".herald") / "router"
+    router_data_dir: Path = project_root() / ".herald" / "router"
 
     # Sinks
     sink_group_prefix: str = "herald-sink"
@@ -75,7 +75,7 @@ class HeraldSettings(BaseSettings):
     message_id_domain: str = "herald.localhost"
 
     # Local broker provisioned from Maven Central (herald kafka up)
-    kafka_home: Path = Path(".herald") / "kafka"
+    kafka_home: Path = project_root() / ".herald" / "kafka"
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
 

@@ -1,0 +1,46 @@
+# Herald: `make demo` and `make test` are all a new machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_LIB := .herald/kafka/lib
+
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down clean
+
+$(BIN)/herald: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/herald
+
+# Apache Kafka (broker + console tools) and its classpath, from Maven Central.
+$(KAFKA_LIB)/.stamp: kafka/pom.xml
+	rm -rf $(KAFKA_LIB) && mkdir -p $(KAFKA_LIB)
+	mvn --batch-mode --quiet -f kafka/pom.xml dependency:copy-dependencies \
+	    -DincludeScope=runtime -DoutputDirectory=$(abspath $(KAFKA_LIB))
+	touch $@
+
+kafka-jars: $(KAFKA_LIB)/.stamp
+
+kafka-up: install kafka-jars
+	$(BIN)/herald kafka up
+
+kafka-down: install
+	$(BIN)/herald kafka down
+
+demo: install kafka-jars
+	$(BIN)/herald demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check pipeline connectors tests
+	$(BIN)/mypy
+
+# The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
+test: install kafka-jars lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .herald *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Sink runtime: consumes one channel's intents and delivers them through its connector."""

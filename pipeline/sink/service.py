@@ -1,0 +1,71 @@
+"""Running sink workers: standalone (``herald run sink``) or beside the router inside the
+Faust worker (``herald run all``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import mode
+
+from connectors.base import Connector
+from connectors.registry import connector_class
+from pipeline.kafka.admin import ensure_topics
+from pipeline.settings import HeraldSettings
+from pipeline.sink.runtime import SinkWorker
+
+__all__ = ["SinkService", "build_workers", "run_sinks"]
+
+log = logging.getLogger(__name__)
+
+
+def build_workers(settings: HeraldSettings, channels: list[str]) -> list[SinkWorker]:
+    workers = []
+    for channel in channels:
+        connector: Connector = connector_class(channel).from_settings(settings)
+        workers.append(SinkWorker(settings, connector))
+    return workers
+
+
+async def _run_and_close(worker: SinkWorker) -> None:
+    try:
+        await worker.run()
+    finally:
+        await worker.connector.aclose()
+
+
+async def run_sinks(settings: HeraldSettings, channels: list[str]) -> None:
+    """Run sink workers until SIGINT or SIGTERM; each finishes and commits its batch."""
+    ensure_topics(settings)
+    workers = build_workers(settings, channels)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: [w.stop() for w in workers])
+    await asyncio.gather(*(_run_and_close(w) for w in workers))
+
+
+class SinkService(mode.Service):  # type: ignore[misc]
+    """Sink workers as a service of the Faust worker: started with it, and on stop asked to
+    finish their batch before the worker exits."""
+
+    def __init__(self, settings: HeraldSettings, channels: list[str], **kwargs: Any) -> None:
+        self.workers = build_workers(settings, channels)
+        self._tasks: list[asyncio.Task[None]] = []
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._guard(w)) for w in self.workers]
+
+    async def _guard(self, worker: SinkWorker) -> None:
+        try:
+            await _run_and_close(worker)
+        except Exception as e:
+            log.exception("%s sink failed", worker.channel)
+            await self.crash(e)
+
+    async def on_stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,108 @@
+"""A real SMTP server on loopback that keeps what it receives: for `herald demo` and tests.
+
+Built on aiosmtpd (install the ``demo`` or ``dev`` extra). Recipients can be made to fail:
+``reject_recipients`` answer 550 (permanent), ``defer_recipients`` answer 451 (transient).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+__all__ = ["CaughtMessage", "SmtpCatcher"]
+
+
+@dataclass(frozen=True)
+class CaughtMessage:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"] or "")
+
+    def text_body(self) -> str:
+        part = self.message.get_body(preferencelist=("plain",))
+        return part.get_content() if part is not None else ""  # type: ignore[no-any-return]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SmtpCatcher:
+    def __init__(self, port: int | None = None) -> None:
+        try:
+            from aiosmtpd.controller import Controller
+        except ImportError:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "the SMTP catcher needs aiosmtpd: pip install 'herald[demo]'"
+            ) from None
+        self.port = port or _free_port()
+        self.messages: list[CaughtMessage] = []
+        self.reject_recipients: set[str] = set()
+        self.defer_recipients: set[str] = set()
+        self._cond = threading.Condition()
+        self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> SmtpCatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._controller.start()
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def _add(self, msg: CaughtMessage) -> None:
+        with self._cond:
+            self.messages.append(msg)
+            self._cond.notify_all()
+
+    def to(self, address: str) -> list[CaughtMessage]:
+        with self._cond:
+            return [m for m in self.messages if address in m.rcpt_tos]
+
+    def wait_for(self, count: int, address: str | None = None, timeout: float = 60.0) -> list[CaughtMessage]:
+        """Wait until ``count`` messages (to ``address``, if given) arrived; return them."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for m in self.messages if address is None or address in m.rcpt_tos]
+                left = deadline - time.monotonic()
+                if len(found) >= count or left <= 0:
+                    return found
+                self._cond.wait(left)
+
+
+class _Handler:
+    def __init__(self, catcher: SmtpCatcher) -> None:
+        self.catcher = catcher
+
+    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if address in self.catcher.reject_recipients:
+            return "550 5.1.1 Mailbox unavailable"
+        if address in self.catcher.defer_recipients:
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.catcher._add(CaughtMessage(envelope.mail_from, list(envelope.rcpt_tos), msg))  # type: ignore[arg-type]
+        return "250 2.0.0 Ok: queued"
