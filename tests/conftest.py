@@ -1,0 +1,84 @@
+"""Shared fixtures: one real Kafka broker for the session.
+
+Which broker: KAFKA_BOOTSTRAP_SERVERS if set; else a Kafka container through testcontainers
+when a Docker engine answers; else a local Apache Kafka broker run from the jars that
+`make kafka-jars` provisioned, in a temporary directory on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.settings import HeraldSettings, project_root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        yield configured
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    from pipeline.kafka.local import LocalKafka
+
+    home = tmp_path_factory.mktemp("kafka")
+    (home / "lib").mkdir()
+    for jar in (project_root() / ".herald" / "kafka" / "lib").glob("*.jar"):
+        (home / "lib" / jar.name).symlink_to(jar.resolve())
+    kafka = LocalKafka(home, port=free_port(), controller_port=free_port())
+    kafka.start()
+    try:
+        yield kafka.bootstrap_servers
+    finally:
+        kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def local_kafka_home(kafka_bootstrap: str) -> Path:
+    """Where Kafka's console tools come from (the provisioned jars)."""
+    return project_root() / ".herald" / "kafka"
+
+
+def unique_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def settings(kafka_bootstrap: str, tmp_path: Path) -> HeraldSettings:
+    """Settings on the session broker, with topics and groups of this test's own."""
+    prefix = unique_prefix()
+    return HeraldSettings(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        topic_prefix=prefix,
+        router_app_id=f"{prefix}router",
+        sink_group_prefix=f"{prefix}sink",
+        router_data_dir=tmp_path / "router",
+    )
