@@ -32,7 +32,9 @@ from pipeline.settings import HeraldSettings, SmtpSecurity
 __all__ = ["EmailConnector", "InvalidAddressError", "build_message"]
 
 # Deliberately plain: a local part and a dotted domain, no quoting, no CR/LF, no spaces.
-_ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_ADDRESS = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
+)
 
 
 class InvalidAddressError(ValueError):
@@ -131,7 +133,9 @@ class EmailConnector(Connector):
         if errors:  # a single recipient, so errors means it was refused
             code, message = next(iter(errors.values()))
             return _coded(code, message, "SMTPRecipientRefused")
-        return DeliveryResult.sent(response, f"<{intent.idempotency_key}@{self.settings.message_id_domain}>")
+        return DeliveryResult.sent(
+            response, f"<{intent.idempotency_key}@{self.settings.message_id_domain}>"
+        )
 
     async def aclose(self) -> None:
         while not self._idle.empty():

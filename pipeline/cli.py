@@ -1,13 +1,13 @@
 """``herald``: the command line.
 
-    herald kafka up | down | status             the local broker (Maven-provisioned jars)
-    herald kafka TOOL [ARGS...]                 Kafka's console tools from the same classpath
-    herald topics ensure                        create Herald's topics
-    herald publish EVENT_TYPE --data JSON       validate and publish one domain event
-    herald run router | sink CHANNEL... | all   the pipeline's processes
-    herald tail TOPIC                           decoded records as JSON lines
-    herald connectors list                      installed channels and their settings
-    herald demo                                 the end-to-end sample flow
+herald kafka up | down | status             the local broker (Maven-provisioned jars)
+herald kafka TOOL [ARGS...]                 Kafka's console tools from the same classpath
+herald topics ensure                        create Herald's topics
+herald publish EVENT_TYPE --data JSON       validate and publish one domain event
+herald run router | sink CHANNEL... | all   the pipeline's processes
+herald tail TOPIC                           decoded records as JSON lines
+herald connectors list                      installed channels and their settings
+herald demo                                 the end-to-end sample flow
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def _local_kafka(settings: HeraldSettings) -> object:
     from pipeline.kafka.local import LocalKafka
 
     return LocalKafka(
-        settings.kafka_home, port=settings.kafka_port, controller_port=settings.kafka_controller_port
+        settings.kafka_home,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
     )
 
 
@@ -45,13 +47,18 @@ def cmd_kafka(args: argparse.Namespace, settings: HeraldSettings) -> int:
         if args.action == "up":
             seconds = kafka.start()
             if seconds == 0.0:
-                print(f"Kafka {kafka.version()} already running on {kafka.bootstrap_servers} (pid {kafka.pid()})")
+                print(
+                    f"Kafka {kafka.version()} already running on {kafka.bootstrap_servers} "
+                    f"(pid {kafka.pid()})"
+                )
             else:
                 print(
                     f"Kafka {kafka.version()} ready on {kafka.bootstrap_servers} in {seconds:.1f}s "
                     f"(pid {kafka.pid()}, log {kafka.log_file})"
                 )
-            settings = settings.model_copy(update={"kafka_bootstrap_servers": kafka.bootstrap_servers})
+            settings = settings.model_copy(
+                update={"kafka_bootstrap_servers": kafka.bootstrap_servers}
+            )
             from pipeline.kafka.admin import ensure_topics
 
             created = ensure_topics(settings)
@@ -76,11 +83,10 @@ def cmd_kafka(args: argparse.Namespace, settings: HeraldSettings) -> int:
         if not any(a.startswith("--bootstrap-server") for a in extra):
             extra = ["--bootstrap-server", settings.kafka_bootstrap_servers, *extra]
         argv = kafka.tool_command(args.action, extra)
-        os.execvp(argv[0], argv)  # noqa: S606 - replaces this process with the Java tool
     except (KafkaNotProvisionedError, KafkaStartError, ValueError) as e:
         print(f"herald kafka: {e}", file=sys.stderr)
         return 1
-    return 0
+    os.execvp(argv[0], argv)  # noqa: S606 - replaces this process with the Java tool
 
 
 def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
@@ -92,7 +98,7 @@ def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
-    from pipeline.publisher import PublishError, Publisher
+    from pipeline.publisher import Publisher, PublishError
     from pipeline.schemas import SchemaError
     from pipeline.serialization import RecordValidationError
 
@@ -137,8 +143,7 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
         services.append(SinkService(settings, args.channels or ["email"]))
     worker = faust.Worker(app, *services, loglevel=args.log_level.lower(), override_logging=False)
-    worker.execute_from_commandline()  # returns only via SystemExit
-    return 0
+    worker.execute_from_commandline()  # exits the process when the worker stops
 
 
 def cmd_tail(args: argparse.Namespace, settings: HeraldSettings) -> int:

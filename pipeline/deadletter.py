@@ -26,7 +26,7 @@ class DeadLetter:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: h.Headers
 
 
 def dead_letter(
@@ -34,7 +34,7 @@ def dead_letter(
     *,
     key: bytes | None,
     value: bytes | None,
-    headers: list[tuple[str, bytes]] | None,
+    headers: h.Headers | None,
     topic: str,
     partition: int,
     offset: int,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.local import KafkaNotProvisionedError, LocalKafka
@@ -25,7 +26,7 @@ from pipeline.topics import Topics
 
 __all__ = ["run_demo"]
 
-SAMPLE_EVENTS = [
+SAMPLE_EVENTS: list[tuple[str, dict[str, Any]]] = [
     (
         "user-registered",
         {"user_id": "u-1001", "email": "ada@example.com", "display_name": "Ada", "locale": "en-GB"},
@@ -97,7 +98,7 @@ def run_demo(base: HeraldSettings) -> int:
             log_path = home / "herald-run-all.log"
             _say(f"starting the router and the email sink: herald run all (log: {log_path})")
             with open(log_path, "wb") as log:
-                router = subprocess.Popen(  # noqa: S603
+                router = subprocess.Popen(
                     [sys.executable, "-m", "pipeline.cli", "run", "all", "email"],
                     env=env,
                     stdout=log,
@@ -107,13 +108,19 @@ def run_demo(base: HeraldSettings) -> int:
             publisher = Publisher(settings, producer_name="demo-shop")
             for event_type, data in SAMPLE_EVENTS:
                 ev = publisher.publish_sync(event_type, data)
-                _say(f"published {ev.event_type:<25} {ev.event_id} -> {ev.topic}[{ev.partition}]@{ev.offset}")
+                _say(
+                    f"published {ev.event_type:<25} {ev.event_id} "
+                    f"-> {ev.topic}[{ev.partition}]@{ev.offset}"
+                )
             topics = Topics(settings.topic_prefix)
             bad = publisher._producer  # a raw record, as a buggy producer might write it
             bad.produce(topics.events("user"), b"\x07not avro at all", b"u-9999")
             bad.flush(10)
             del publisher, bad  # close the client before the broker goes away
-            _say(f"published one malformed record to {topics.events('user')} (expect it in {topics.events_dlq})")
+            _say(
+                f"published one malformed record to {topics.events('user')} "
+                f"(expect it in {topics.events_dlq})"
+            )
 
             received = smtp.wait_for(len(SAMPLE_EVENTS), timeout=90)
             if router.poll() is not None:
@@ -165,7 +172,8 @@ def _report_dlq(settings: HeraldSettings, topic: str) -> None:
                 continue
             hd = h.as_dict(msg.headers())
             _say(
-                f"dead-lettered to {topic}: {hd.get(h.ORIGINAL_TOPIC)}[{hd.get(h.ORIGINAL_PARTITION)}]"
+                f"dead-lettered to {topic}: "
+                f"{hd.get(h.ORIGINAL_TOPIC)}[{hd.get(h.ORIGINAL_PARTITION)}]"
                 f"@{hd.get(h.ORIGINAL_OFFSET)}, {hd.get(h.ERROR_CLASS)}"
             )
             return

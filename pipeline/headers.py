@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ATTEMPTS",
     "CONTENT_TYPE",
     "ERROR_CLASS",
     "ERROR_MESSAGE",
@@ -15,9 +16,10 @@ __all__ = [
     "ORIGINAL_TOPIC",
     "SCHEMA",
     "TRACEPARENT",
-    "ATTEMPTS",
+    "Headers",
     "as_dict",
     "header_value",
+    "pairs",
 ]
 
 EVENT_TYPE = "herald-event-type"
@@ -36,7 +38,16 @@ ERROR_MESSAGE = "herald-error-message"
 FAILED_AT = "herald-failed-at"
 ATTEMPTS = "herald-attempts"
 
-Headers = list[tuple[str, bytes]]
+# What both Kafka clients take and return; values we write are UTF-8 bytes.
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def pairs(raw: object) -> Headers:
+    """Headers from either client (a list of pairs, a mapping or None) as a list of pairs."""
+    if not raw:
+        return []
+    items = raw.items() if isinstance(raw, dict) else raw
+    return [(str(k), v if isinstance(v, bytes) else header_value(v).encode()) for k, v in items]  # type: ignore[attr-defined]
 
 
 def header_value(raw: object) -> str:

@@ -90,7 +90,7 @@ class Publisher:
         envelope = record["envelope"]
         event_id = str(envelope["event_id"])
         topic = self.topics.events(et.domain)
-        hdrs = [
+        hdrs: h.Headers = [
             (h.EVENT_TYPE, et.name.encode()),
             (h.EVENT_ID, event_id.encode()),
             (h.CONTENT_TYPE, CONTENT_TYPE.encode()),
@@ -125,9 +125,7 @@ class Publisher:
         """Wait for outstanding events; returns how many are still not acknowledged."""
         return int(self._producer.flush(timeout))
 
-    def _produce(
-        self, topic: str, key: str, value: bytes, hdrs: list[tuple[str, bytes]], cb: Any
-    ) -> None:
+    def _produce(self, topic: str, key: str, value: bytes, hdrs: h.Headers, cb: Any) -> None:
         while True:
             try:
                 self._producer.produce(topic, value, key.encode(), headers=hdrs, on_delivery=cb)

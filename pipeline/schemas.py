@@ -175,7 +175,9 @@ def load_schemas(root: Path) -> SchemaSet:
             raise SchemaError(f"{path}: schema files are named <Name>.v<N>.avsc")
         definition = _inline(_read(path), shared, set())
         if _full_name(definition).rsplit(".", 1)[-1] != m["name"]:
-            raise SchemaError(f"{path}: file name does not match record name {_full_name(definition)}")
+            raise SchemaError(
+                f"{path}: file name does not match record name {_full_name(definition)}"
+            )
         try:
             parsed = fastavro.parse_schema(definition, _write_hint=False)
         except Exception as e:

@@ -17,7 +17,7 @@ import io
 import json
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 import fastavro
 from fastavro.validation import ValidationError as _FastavroValidationError
@@ -28,11 +28,11 @@ if TYPE_CHECKING:
     from pipeline.settings import HeraldSettings
 
 __all__ = [
-    "SINGLE_OBJECT_MAGIC",
     "CONFLUENT_MAGIC",
+    "SINGLE_OBJECT_MAGIC",
     "AvroSerde",
-    "Decoded",
     "DecodeError",
+    "Decoded",
     "MalformedRecordError",
     "RecordTooLargeError",
     "RecordValidationError",
@@ -45,6 +45,12 @@ __all__ = [
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
+
+
+class _Where(TypedDict):
+    topic: str | None
+    partition: int | None
+    offset: int | None
 
 
 class DecodeError(Exception):
@@ -118,11 +124,11 @@ class Decoded:
 class SchemaRegistry(Protocol):
     """The part of confluent_kafka's SchemaRegistryClient that Herald uses."""
 
-    def register_schema(self, subject_name: str, schema: Any, normalize_schemas: bool = ...) -> int:
-        ...
+    def register_schema(
+        self, subject_name: str, schema: Any, normalize_schemas: bool = ...
+    ) -> int: ...
 
-    def get_schema(self, schema_id: int, *args: Any, **kwargs: Any) -> Any:
-        ...
+    def get_schema(self, schema_id: int, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class AvroSerde:
@@ -172,7 +178,8 @@ class AvroSerde:
         if schema.full_name not in self._ids:
             from confluent_kafka.schema_registry import Schema as RegistrySchema
 
-            assert self.registry is not None
+            if self.registry is None:  # pragma: no cover - encode() checks first
+                raise SchemaError("no schema registry configured")
             self._ids[schema.full_name] = self.registry.register_schema(
                 schema.full_name, RegistrySchema(schema.to_json(), "AVRO")
             )
@@ -192,7 +199,7 @@ class AvroSerde:
         """Decode one record value. Raises a DecodeError subclass naming the record's
         coordinates when the bytes cannot be read, or when ``expect`` (a full name) is given
         and the record is of another type."""
-        where = {"topic": topic, "partition": partition, "offset": offset}
+        where: _Where = {"topic": topic, "partition": partition, "offset": offset}
         if data is None or len(data) == 0:
             raise MalformedRecordError("empty value (tombstone?)", **where)
         if len(data) > self.max_record_bytes:
@@ -244,7 +251,7 @@ class AvroSerde:
             raise MalformedRecordError("datum is not a record", schema=ref, **where)
         return Decoded(schema=reader, writer=ref, record=record)
 
-    def _from_registry(self, schema_id: int, where: dict[str, Any]) -> tuple[Schema, Any]:
+    def _from_registry(self, schema_id: int, where: _Where) -> tuple[Schema, Any]:
         if schema_id in self._by_id:
             return self._by_id[schema_id]
         if self.registry is None:
@@ -260,7 +267,7 @@ class AvroSerde:
                 f"schema id {schema_id} not found in the registry ({e})", **where
             ) from None
         definition = json.loads(registered.schema_str)
-        writer_parsed = fastavro.parse_schema(definition, _write_hint=False)
+        writer_parsed: Any = fastavro.parse_schema(definition, _write_hint=False)
         name = str(writer_parsed["name"])
         try:
             reader = self.schemas.latest(name)

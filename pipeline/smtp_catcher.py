@@ -30,7 +30,7 @@ class CaughtMessage:
 
     def text_body(self) -> str:
         part = self.message.get_body(preferencelist=("plain",))
-        return part.get_content() if part is not None else ""  # type: ignore[no-any-return]
+        return str(part.get_content()) if part is not None else ""
 
 
 def _free_port() -> int:
@@ -76,7 +76,9 @@ class SmtpCatcher:
         with self._cond:
             return [m for m in self.messages if address in m.rcpt_tos]
 
-    def wait_for(self, count: int, address: str | None = None, timeout: float = 60.0) -> list[CaughtMessage]:
+    def wait_for(
+        self, count: int, address: str | None = None, timeout: float = 60.0
+    ) -> list[CaughtMessage]:
         """Wait until ``count`` messages (to ``address``, if given) arrived; return them."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -92,7 +94,7 @@ class _Handler:
     def __init__(self, catcher: SmtpCatcher) -> None:
         self.catcher = catcher
 
-    async def handle_RCPT(  # noqa: N802 - aiosmtpd's hook name
+    async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
     ) -> str:
         if address in self.catcher.reject_recipients:
@@ -102,7 +104,8 @@ class _Handler:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        self.catcher._add(CaughtMessage(envelope.mail_from, list(envelope.rcpt_tos), msg))  # type: ignore[arg-type]
+        assert isinstance(msg, EmailMessage)  # noqa: S101 - guaranteed by policy.default
+        self.catcher._add(CaughtMessage(envelope.mail_from, list(envelope.rcpt_tos), msg))
         return "250 2.0.0 Ok: queued"

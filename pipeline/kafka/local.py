@@ -135,8 +135,9 @@ class LocalKafka:
         return pid
 
     def is_ready(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(
-            ("127.0.0.1", self.port), timeout=0.5
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
         ):
             return True
         return False
@@ -253,7 +254,7 @@ class LocalKafka:
         )
         try:
             md = admin.list_topics(timeout=2)
-        except Exception:  # noqa: BLE001 - any failure just means "not yet"
+        except Exception:
             return False
         return bool(md.brokers)
 
@@ -287,9 +288,7 @@ class LocalKafka:
         }
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         (self._config / "server.properties").write_text(text)
-        (self._config / "log4j2.properties").write_text(
-            _LOG4J2.format(log=self.log_file.resolve())
-        )
+        (self._config / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file.resolve()))
 
     def _format(self, classpath: str) -> None:
         base = [

@@ -33,7 +33,8 @@ def create_handler(settings: HeraldSettings) -> RouterHandler:
     for rule in rules.rules:
         if rule.channel not in CHANNELS:
             raise RuleError(
-                f"rule {rule.name!r}: unknown channel {rule.channel!r}; known: {', '.join(CHANNELS)}"
+                f"rule {rule.name!r}: unknown channel {rule.channel!r}; "
+                f"known: {', '.join(CHANNELS)}"
             )
     templates = Templates(settings.templates_dir)
     templates.check({r.template for r in rules.rules})
@@ -82,7 +83,7 @@ def create_app(settings: HeraldSettings) -> faust.App:
             outputs = handler.handle(
                 key=msg.key,
                 value=msg.value,
-                headers=_header_list(msg.headers),
+                headers=h.pairs(msg.headers),
                 topic=msg.topic,
                 partition=msg.partition,
                 offset=msg.offset,
@@ -91,10 +92,3 @@ def create_app(settings: HeraldSettings) -> faust.App:
                 await out(o.topic).send(key=o.key, value=o.value, headers=o.headers)
 
     return app
-
-
-def _header_list(raw: Any) -> list[tuple[str, bytes]]:
-    if not raw:
-        return []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(str(k), v if isinstance(v, bytes) else h.header_value(v).encode()) for k, v in items]

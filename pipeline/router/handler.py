@@ -32,7 +32,7 @@ class Output:
     topic: str
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]]
+    headers: h.Headers
     dead: bool = False
 
 
@@ -56,7 +56,7 @@ class RouterHandler:
         *,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]] | None,
+        headers: h.Headers | None,
         topic: str,
         partition: int,
         offset: int,
@@ -73,7 +73,9 @@ class RouterHandler:
                     partition=partition,
                     offset=offset,
                 )
-            intents = route(event_type.name, decoded.record, self.rules, self.templates, self.clock())
+            intents = route(
+                event_type.name, decoded.record, self.rules, self.templates, self.clock()
+            )
         except (DecodeError, RoutingError) as e:
             return [self._dead(key, value, headers, topic, partition, offset, e)]
         except Exception as e:  # a bug must not stall the partition either
@@ -83,7 +85,7 @@ class RouterHandler:
         outputs = []
         for intent in intents:
             encoded, schema_ref = self.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
-            hdrs = [
+            hdrs: h.Headers = [
                 (h.EVENT_TYPE, intent.event_type.encode()),
                 (h.EVENT_ID, intent.event_id.encode()),
                 (h.NOTIFICATION_ID, intent.notification_id.encode()),
@@ -106,7 +108,7 @@ class RouterHandler:
         self,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]] | None,
+        headers: h.Headers | None,
         topic: str,
         partition: int,
         offset: int,

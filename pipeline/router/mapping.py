@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.records import NotificationIntent, notification_id
 from pipeline.router.rules import Rule, RuleSet
-from pipeline.router.templates import Templates, TemplateRenderError
+from pipeline.router.templates import TemplateRenderError, Templates
 
 __all__ = ["MissingRecipientError", "RoutingError", "route"]
 

@@ -30,7 +30,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from connectors.base import Connector, DeliveryResult, Outcome
 from pipeline import headers as h
 from pipeline.deadletter import dead_letter, safe_header_text
-from pipeline.records import DELIVERY_STATUS, NOTIFICATION_INTENT, DeliveryState, DeliveryStatus, NotificationIntent
+from pipeline.records import (
+    DELIVERY_STATUS,
+    NOTIFICATION_INTENT,
+    DeliveryState,
+    DeliveryStatus,
+    NotificationIntent,
+)
 from pipeline.serialization import AvroSerde, DecodeError, serde_from_settings
 from pipeline.settings import HeraldSettings
 from pipeline.topics import Topics
@@ -123,13 +129,14 @@ class SinkWorker:
                     raise KafkaException(err)
                 log.warning("%s sink consumer error: %s", self.channel, err)
                 continue
-            by_partition[(msg.topic(), msg.partition())].append(msg)
+            topic, partition, _ = _coords(msg)
+            by_partition[(topic, partition)].append(msg)
         if not by_partition:
             return
         await asyncio.gather(*(self._process_partition(msgs) for msgs in by_partition.values()))
         await self._flush_producer()
         offsets = [
-            TopicPartition(topic, partition, msgs[-1].offset() + 1)
+            TopicPartition(topic, partition, _coords(msgs[-1])[2] + 1)
             for (topic, partition), msgs in by_partition.items()
         ]
         assert self._consumer is not None  # noqa: S101 - set in run()
@@ -164,7 +171,9 @@ class SinkWorker:
             self._dead_letter(msg, e, attempts=0)
             return
         except Exception as e:  # a record that decodes but does not make an intent
-            log.warning("dead-lettering %s to %s: %s: %s", _where(msg), self.dlq, type(e).__name__, e)
+            log.warning(
+                "dead-lettering %s to %s: %s: %s", _where(msg), self.dlq, type(e).__name__, e
+            )
             self.stats.undecodable += 1
             self._dead_letter(msg, e, attempts=0)
             return
@@ -241,23 +250,22 @@ class SinkWorker:
         )
 
     def _dead_letter(self, msg: Message, error: BaseException, attempts: int) -> None:
+        topic, partition, offset = _coords(msg)
         dl = dead_letter(
             self.dlq,
             key=msg.key(),
             value=msg.value(),
-            headers=msg.headers(),
-            topic=msg.topic(),
-            partition=msg.partition(),
-            offset=msg.offset(),
+            headers=h.pairs(msg.headers()),
+            topic=topic,
+            partition=partition,
+            offset=offset,
             error=error,
             attempts=attempts,
             error_class=error.result.error_class if isinstance(error, _ProviderError) else None,
         )
         self._produce(dl.topic, dl.key, dl.value, dl.headers)
 
-    def _produce(
-        self, topic: str, key: bytes | None, value: bytes | None, hdrs: list[tuple[str, bytes]]
-    ) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, hdrs: h.Headers) -> None:
         assert self._producer is not None  # noqa: S101 - set in run()
         while True:
             try:
@@ -278,9 +286,7 @@ class SinkWorker:
             errors, self._produce_errors = self._produce_errors, []
             # Without these records acknowledged the batch must not be committed: stop, and
             # the records are processed again after restart (the sink is idempotent by id).
-            raise KafkaException(
-                errors[0] if errors else KafkaError(KafkaError._MSG_TIMED_OUT)
-            )
+            raise KafkaException(errors[0] if errors else KafkaError(KafkaError._MSG_TIMED_OUT))
 
 
 class _ProviderError(Exception):
@@ -289,6 +295,15 @@ class _ProviderError(Exception):
     def __init__(self, result: DeliveryResult) -> None:
         self.result = result
         super().__init__(result.response or result.error_class or result.outcome.value)
+
+
+def _coords(msg: Message) -> tuple[str, int, int]:
+    """A consumed record's topic, partition and offset (never None for a record without
+    an error)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"record without coordinates: {msg.error()}")
+    return topic, partition, offset
 
 
 def _where(msg: Message) -> str:

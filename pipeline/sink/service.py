@@ -42,21 +42,26 @@ async def run_sinks(settings: HeraldSettings, channels: list[str]) -> None:
     workers = build_workers(settings, channels)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: [w.stop() for w in workers])
+        loop.add_signal_handler(sig, _stop_all, workers)
     await asyncio.gather(*(_run_and_close(w) for w in workers))
 
 
-class SinkService(mode.Service):  # type: ignore[misc]
+def _stop_all(workers: list[SinkWorker]) -> None:
+    for w in workers:
+        w.stop()
+
+
+class SinkService(mode.Service):
     """Sink workers as a service of the Faust worker: started with it, and on stop asked to
     finish their batch before the worker exits."""
 
     def __init__(self, settings: HeraldSettings, channels: list[str], **kwargs: Any) -> None:
         self.workers = build_workers(settings, channels)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._runs: list[asyncio.Task[None]] = []
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
-        self._tasks = [asyncio.ensure_future(self._guard(w)) for w in self.workers]
+        self._runs = [asyncio.ensure_future(self._guard(w)) for w in self.workers]
 
     async def _guard(self, worker: SinkWorker) -> None:
         try:
@@ -68,4 +73,4 @@ class SinkService(mode.Service):  # type: ignore[misc]
     async def on_stop(self) -> None:
         for w in self.workers:
             w.stop()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._runs, return_exceptions=True)

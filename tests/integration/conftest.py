@@ -50,7 +50,9 @@ class RunningPipeline:
 
 
 @pytest.fixture(scope="module")
-def pipeline(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPipeline]:
+def pipeline(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningPipeline]:
     tmp = tmp_path_factory.mktemp("pipeline")
     rules = tmp / "rules.toml"
     rules.write_text(RULES)
@@ -91,7 +93,9 @@ def pipeline(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        running = RunningPipeline(settings, smtp, Publisher(settings, producer_name="tests"), proc, log)
+        running = RunningPipeline(
+            settings, smtp, Publisher(settings, producer_name="tests"), proc, log
+        )
         try:
             yield running
         finally:

@@ -17,7 +17,9 @@ from pipeline.topics import Topics
 pytestmark = pytest.mark.integration
 
 
-def herald(settings: HeraldSettings, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def herald(
+    settings: HeraldSettings, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,

@@ -125,7 +125,9 @@ def _bad_values(p: RunningPipeline) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("error_class", ["UnknownFramingError", "MalformedRecordError", "UnknownSchemaError"])
+@pytest.mark.parametrize(
+    "error_class", ["UnknownFramingError", "MalformedRecordError", "UnknownSchemaError"]
+)
 def test_malformed_record_is_dead_lettered_and_next_event_delivered(
     pipeline: RunningPipeline, error_class: str
 ) -> None:
@@ -179,7 +181,9 @@ def test_smtp_5xx_for_one_recipient_does_not_block_the_next(pipeline: RunningPip
     topics = Topics(pipeline.settings.topic_prefix)
     dead = [
         m
-        for m in read_all(pipeline.settings.kafka_bootstrap_servers, topics.notifications_dlq("email"))
+        for m in read_all(
+            pipeline.settings.kafka_bootstrap_servers, topics.notifications_dlq("email")
+        )
         if h.as_dict(m.headers()).get(h.NOTIFICATION_ID) == bad_nid
     ]
     assert len(dead) == 1
