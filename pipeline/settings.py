@@ -52,7 +52,7 @@ class HeraldSettings(BaseSettings):
     rules_file: Path = project_root() / "config" / "rules.toml"
     templates_dir: Path = project_root() / "config" / "templates"
     router_app_id: str = "herald-router"
-    processing_guarantee: str = "at_least_once"
+    processing_guarantee: str = "exactly_once"
     router_data_dir: Path = project_root() / ".herald" / "router"
 
     # Sinks
