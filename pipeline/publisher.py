@@ -62,7 +62,14 @@ class Publisher:
         self.producer_name = producer_name
         self.serde = serde or serde_from_settings(settings)
         self.topics = Topics(settings.topic_prefix)
-        self._producer = producer or Producer(settings.producer_config())
+        self._client = producer
+
+    @property
+    def _producer(self) -> Producer:
+        # Created on first use, so validating input needs no broker.
+        if self._client is None:
+            self._client = Producer(self.settings.producer_config())
+        return self._client
 
     def build(self, event_type: str, data: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
         """The full record for ``data``: envelope filled in, timestamps parsed. Raises
