@@ -1,0 +1,103 @@
+"""The delivery ledger: where a sink keeps, per notification, what happened to it, and per
+topic-partition the next offset to read, written in one transaction.
+
+This is Kafka's own advice for exactly-once output to an external system: store the
+consumer's position in the same place as its output. A sink that restarts reads its offsets
+from here and skips what the ledger already has as done, so a crash or a replay costs no
+second provider call for anything the ledger recorded.
+
+States (``DeliveryState``): SENT, REJECTED and DEAD are terminal; RETRYING means the last
+attempt failed and a retry record was written to a retry topic.
+
+Backends: SQLite (embedded default; WAL) and PostgreSQL (sinks on several hosts). Calls are
+synchronous; the sink serializes them on one thread of its own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+
+from pipeline.records import DeliveryState
+
+__all__ = ["TERMINAL", "Ledger", "LedgerEntry", "LedgerOutcome", "open_ledger"]
+
+TERMINAL = frozenset({DeliveryState.SENT, DeliveryState.REJECTED, DeliveryState.DEAD})
+
+# (notification_id, generation): a forced redelivery is a new generation with its own row.
+Key = tuple[str, int]
+# (topic, partition)
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    notification_id: str
+    generation: int
+    channel: str
+    recipient: str
+    state: DeliveryState
+    attempts: int
+    response: str | None
+    error_class: str | None
+    provider_message_id: str | None
+    first_attempt_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class LedgerOutcome:
+    """One attempt's outcome, to be recorded."""
+
+    notification_id: str
+    generation: int
+    channel: str
+    recipient: str
+    state: DeliveryState
+    attempts: int  # attempts so far, including this one
+    response: str | None
+    error_class: str | None
+    provider_message_id: str | None
+    at: datetime
+
+
+class Ledger(ABC):
+    @abstractmethod
+    def lookup(self, keys: list[Key]) -> dict[Key, LedgerEntry]:
+        """The entries the ledger has for ``keys`` (missing keys are absent)."""
+
+    @abstractmethod
+    def record(self, group: str, outcomes: list[LedgerOutcome], offsets: dict[TP, int]) -> None:
+        """In ONE transaction: upsert ``outcomes`` and move ``group``'s next offsets forward.
+
+        - A terminal state is never replaced by a non-terminal one, and SENT is never
+          replaced at all (a late duplicate's failure must not undo a delivery).
+        - attempts keeps the larger value; first_attempt_at keeps the earliest.
+        - An offset only moves forward: the stored value becomes max(stored, given).
+        Raises on failure with nothing written."""
+
+    @abstractmethod
+    def offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+        """``group``'s next offsets for those partitions the ledger has one for."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection."""
+
+
+def open_ledger(url: str) -> Ledger:
+    """``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` or a PostgreSQL URL
+    (``postgresql://user@host:port/db``)."""
+    if url.startswith("sqlite:///"):
+        from pipeline.sink.ledger_sqlite import SQLiteLedger
+
+        return SQLiteLedger(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from pipeline.sink.ledger_postgres import PostgresLedger
+
+        return PostgresLedger(url)
+    raise ValueError(
+        "HERALD_LEDGER_URL must start with sqlite:/// or postgresql:// "
+        f"(got a value starting with {url.split(':', 1)[0]!r})"
+    )
