@@ -58,7 +58,8 @@ class HeraldSettings(BaseSettings):
     # Sinks
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on
     # several hosts sharing a consumer group.
-    ledger_url: str = "sqlite:///" + str(project_root() / ".herald" / "ledger.db")
+    # A PostgreSQL URL may hold a password, hence SecretStr.
+    ledger_url: SecretStr = SecretStr("sqlite:///" + str(project_root() / ".herald" / "ledger.db"))
     sink_group_prefix: str = "herald-sink"
     sink_max_in_flight: int = 32
     sink_max_attempts: int = 5
