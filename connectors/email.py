@@ -42,14 +42,14 @@ class InvalidAddressError(ValueError):
 
 
 def _check_address(addr: str, what: str) -> str:
-    if len(addr) > 254 or not _ADDRESS.match(addr) or ".." in addr:
+    if len(addr) > 254 or not _ADDRESS.fullmatch(addr) or ".." in addr:
         raise InvalidAddressError(f"{what} is not a valid email address")
     return addr
 
 
 def _check_header(value: str, what: str) -> str:
-    if "\r" in value or "\n" in value:
-        raise InvalidAddressError(f"{what} contains CR or LF")
+    if "\r" in value or "\n" in value or len(value.splitlines()) > 1:
+        raise InvalidAddressError(f"{what} contains a line break (CR, LF or another)")
     return value
 
 
@@ -117,7 +117,10 @@ class EmailConnector(Connector):
             try:
                 client = await self._client()
             except (aiosmtplib.SMTPException, OSError) as e:
-                return _failure(e)
+                # Connecting, TLS or AUTH failed: a server or configuration problem, not
+                # this message's. Retryable, so the circuit breaker pauses the sink instead
+                # of dead-lettering every notification while it lasts.
+                return DeliveryResult.retryable(type(e).__name__, _describe(e))
             try:
                 errors, response = await client.sendmail(sender, [recipient], data)
             except aiosmtplib.SMTPRecipientsRefused as e:
@@ -158,7 +161,11 @@ class EmailConnector(Connector):
         await client.connect()
         if s.smtp_username:
             password = s.smtp_password.get_secret_value() if s.smtp_password else ""
-            await client.login(s.smtp_username, password)
+            try:
+                await client.login(s.smtp_username, password)
+            except BaseException:
+                await _drop(client)
+                raise
         return client
 
     async def _reset_or_drop(self, client: aiosmtplib.SMTP) -> None:
@@ -182,6 +189,12 @@ def _coded(code: int, message: str, error_class: str) -> DeliveryResult:
     if 400 <= code < 500:
         return DeliveryResult.retryable(error_class, response)
     return DeliveryResult.rejected(error_class, response)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, aiosmtplib.SMTPResponseException):
+        return f"{e.code} {e.message}".strip()
+    return str(e) or type(e).__name__
 
 
 def _failure(e: BaseException) -> DeliveryResult:

@@ -154,7 +154,9 @@ class AvroSerde:
         try:
             fastavro.validation.validate(record, schema.parsed, raise_errors=True)
         except _FastavroValidationError as e:
-            raise RecordValidationError(full_name, _problems(e, full_name)) from None
+            raise RecordValidationError(
+                full_name, _problems(e, full_name, schema.definition)
+            ) from None
         return schema
 
     def encode(self, full_name: str, record: dict[str, Any]) -> tuple[bytes, str]:
@@ -279,18 +281,49 @@ class AvroSerde:
         return reader, writer_parsed
 
 
-def _problems(e: _FastavroValidationError, full_name: str) -> list[tuple[str, str]]:
-    """(field path, problem) pairs. Values are described by type only: a record may hold
-    personal data or secrets, and errors end up in logs and dead-letter headers."""
-    out: list[tuple[str, str]] = []
+def _problems(
+    e: _FastavroValidationError, full_name: str, definition: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """(field path, problem) pairs, e.g. ("envelope.producer", "missing or null, expected
+    string"). Values are described by type only: a record may hold personal data or
+    secrets, and errors end up in logs and dead-letter headers."""
+    prefixes = _record_paths(definition, "", None)
+    found: dict[str, tuple[str, list[str]]] = {}
     for err in getattr(e, "errors", ()):
-        path = str(err.field).removeprefix(full_name + ".")
-        expected = _type_name(err.schema)
-        if err.datum is None:
-            out.append((path, f"missing or null, expected {expected}"))
-        else:
-            out.append((path, f"got {type(err.datum).__name__}, expected {expected}"))
+        owner, _, name = str(err.field).rpartition(".")
+        prefix = prefixes.get(owner)
+        path = f"{prefix}.{name}".lstrip(".") if prefix is not None else str(err.field)
+        got = "missing or null" if err.datum is None else f"got {type(err.datum).__name__}"
+        # A union reports one error per branch: merge them into one line per field.
+        expected = found.setdefault(path, (got, []))[1]
+        expected.append(_type_name(err.schema))
+    out = [(path, f"{got}, expected {' or '.join(exp)}") for path, (got, exp) in found.items()]
     return out or [("?", str(e))]
+
+
+def _record_paths(schema: Any, path: str, namespace: str | None) -> dict[str, str]:
+    """Full name of every record type in ``schema`` -> its field path from the root."""
+    out: dict[str, str] = {}
+    if isinstance(schema, list):
+        for branch in schema:
+            out.update(_record_paths(branch, path, namespace))
+    elif isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "record":
+            name = str(schema["name"])
+            ns = schema.get("namespace", namespace)
+            full = name if "." in name or not ns else f"{ns}.{name}"
+            out[full] = path
+            for f in schema.get("fields", []):
+                child = f"{path}.{f['name']}".lstrip(".")
+                out.update(_record_paths(f["type"], child, full.rpartition(".")[0] or None))
+        elif kind == "array":
+            out.update(_record_paths(schema["items"], f"{path}[]", namespace))
+        elif kind == "map":
+            out.update(_record_paths(schema["values"], f"{path}{{}}", namespace))
+        elif isinstance(kind, dict | list):
+            out.update(_record_paths(kind, path, namespace))
+    return out
 
 
 def _type_name(schema: Any) -> str:

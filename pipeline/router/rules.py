@@ -62,6 +62,7 @@ def parse_rules(doc: dict[str, Any], source: str = "rules") -> RuleSet:
     if not isinstance(raw, list):
         raise RuleError(f"{source}: 'rules' must be an array of tables ([[rules]])")
     rules = []
+    first_use: dict[str, int] = {}
     for i, item in enumerate(raw):
         where = f"{source}: rules[{i}]"
         if not isinstance(item, dict):
@@ -74,6 +75,10 @@ def parse_rules(doc: dict[str, Any], source: str = "rules") -> RuleSet:
                 raise RuleError(f"{where}: '{key}' is required and must be a string")
         if not _NAME.match(item["name"]):
             raise RuleError(f"{where}: name {item['name']!r} must match {_NAME.pattern}")
+        if item["name"] in first_use:
+            earlier = first_use[item["name"]]
+            raise RuleError(f"{where}: name {item['name']!r} is already used by rules[{earlier}]")
+        first_use[item["name"]] = i
         when = item.get("when")
         if when is not None and not isinstance(when, str):
             raise RuleError(f"{where}: 'when' must be a string")

@@ -77,8 +77,8 @@ class Templates:
                     expression, undefined_to_none=False
                 )
             return bool(compiled(**context))
-        except jinja2.TemplateError as e:
-            raise TemplateRenderError(f"condition {expression!r}: {e}") from e
+        except Exception as e:  # Jinja errors and Python errors on the event's values
+            raise TemplateRenderError(f"condition {expression!r}: {type(e).__name__}: {e}") from e
 
     def _render_optional(self, path: str, context: dict[str, Any]) -> str | None:
         try:
@@ -87,5 +87,5 @@ class Templates:
             return None
         try:
             return template.render(context).strip()
-        except jinja2.TemplateError as e:
-            raise TemplateRenderError(f"template {path}: {e}") from e
+        except Exception as e:  # Jinja errors and Python errors on the event's values
+            raise TemplateRenderError(f"template {path}: {type(e).__name__}: {e}") from e

@@ -4,12 +4,12 @@ checkout and a serializer without a registry."""
 from __future__ import annotations
 
 import pytest
-from tests.unit.unit_helpers import RULES_FILE, SCHEMAS_DIR, TEMPLATES_DIR
 
 from pipeline.router.rules import RuleSet, load_rules
 from pipeline.router.templates import Templates
 from pipeline.schemas import SchemaSet, load_schemas
 from pipeline.serialization import AvroSerde
+from tests.unit.unit_helpers import RULES_FILE, SCHEMAS_DIR, TEMPLATES_DIR
 
 
 @pytest.fixture(scope="session")
