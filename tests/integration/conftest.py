@@ -83,6 +83,7 @@ def pipeline(
             "HERALD_SMTP_SECURITY": "none",
             "HERALD_SINK_MAX_ATTEMPTS": "3",
             "HERALD_SINK_RETRY_BACKOFF_MS": "50",
+            "HERALD_LEDGER_URL": f"sqlite:///{tmp / 'ledger.db'}",
         }
         log = tmp / "run-all.log"
         with open(log, "wb") as out:
