@@ -10,7 +10,10 @@ __all__ = [
     "EVENT_ID",
     "EVENT_TYPE",
     "FAILED_AT",
+    "FIRST_FAILED_AT",
+    "LAST_FAILED_AT",
     "NOTIFICATION_ID",
+    "NOT_BEFORE",
     "ORIGINAL_OFFSET",
     "ORIGINAL_PARTITION",
     "ORIGINAL_TOPIC",
@@ -36,7 +39,11 @@ ORIGINAL_OFFSET = "herald-original-offset"
 ERROR_CLASS = "herald-error-class"
 ERROR_MESSAGE = "herald-error-message"
 FAILED_AT = "herald-failed-at"
-ATTEMPTS = "herald-attempts"
+ATTEMPTS = "herald-attempts"  # failed attempts so far
+# Retry records: when to try again, and the failure history the dead letter will carry.
+NOT_BEFORE = "herald-not-before"  # epoch milliseconds
+FIRST_FAILED_AT = "herald-first-failed-at"
+LAST_FAILED_AT = "herald-last-failed-at"
 
 # What both Kafka clients take and return; values we write are UTF-8 bytes.
 Headers = list[tuple[str, str | bytes | None]]

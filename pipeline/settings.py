@@ -61,10 +61,17 @@ class HeraldSettings(BaseSettings):
     # A PostgreSQL URL may hold a password, hence SecretStr.
     ledger_url: SecretStr = SecretStr("sqlite:///" + str(project_root() / ".herald" / "ledger.db"))
     sink_group_prefix: str = "herald-sink"
+    # Per partition: records being sent or waiting for their outcome to be recorded. A crash
+    # resends at most this many per partition (with the same idempotency key).
     sink_max_in_flight: int = 32
-    sink_max_attempts: int = 5
-    sink_retry_backoff_ms: int = 200
-    sink_retry_backoff_max_ms: int = 10_000
+    sink_max_attempts: int = 8
+    sink_retry_tiers: int = 3  # notifications.<channel>.retry.1 .. .N
+    sink_retry_backoff_ms: int = 1_000
+    sink_retry_backoff_max_ms: int = 300_000
+    sink_commit_interval_ms: int = 50  # group commit of outcomes and offsets
+    breaker_failure_threshold: int = 20  # consecutive retryable failures that open it
+    breaker_open_ms: int = 5_000  # first pause; doubles while probes fail
+    breaker_open_max_ms: int = 60_000
 
     # Email
     smtp_host: str = "127.0.0.1"

@@ -1,18 +1,23 @@
-"""A real SMTP server on loopback that keeps what it receives: for `herald demo` and tests.
+"""A real SMTP server on loopback that keeps what it receives: for `herald demo`, tests
+and the fault-injection harness.
 
-Built on aiosmtpd (install the ``demo`` or ``dev`` extra). Recipients can be made to fail:
-``reject_recipients`` answer 550 (permanent), ``defer_recipients`` answer 451 (transient).
+Built on aiosmtpd (install the ``demo`` or ``dev`` extra). Failures on demand:
+``reject_recipients`` answer 550 (permanent), ``defer_recipients`` answer 451 (transient),
+``defer_counts[address] = n`` answers 451 to the next n attempts. ``fail_rate`` answers 451
+and ``drop_rate`` drops the connection, at random, before a message is accepted.
 """
 
 from __future__ import annotations
 
 import email
 import email.policy
+import random
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 __all__ = ["CaughtMessage", "SmtpCatcher"]
@@ -40,7 +45,7 @@ def _free_port() -> int:
 
 
 class SmtpCatcher:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, id_log: Path | None = None) -> None:
         try:
             from aiosmtpd.controller import Controller
         except ImportError:  # pragma: no cover - depends on the install
@@ -51,7 +56,15 @@ class SmtpCatcher:
         self.messages: list[CaughtMessage] = []
         self.reject_recipients: set[str] = set()
         self.defer_recipients: set[str] = set()
+        self.defer_counts: dict[str, int] = {}
+        self.fail_rate = 0.0
+        self.drop_rate = 0.0
+        self.rng = random.Random()  # noqa: S311 - fault injection, not crypto
+        self.attempts: dict[str, int] = {}  # RCPT attempts per address
+        self.accepted_ids: list[str] = []  # Message-ID of every accepted message, in order
+        self._id_log = id_log.open("a", buffering=1) if id_log is not None else None
         self._cond = threading.Condition()
+        self._running = False
         self._controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port)
 
     def __enter__(self) -> SmtpCatcher:
@@ -63,13 +76,22 @@ class SmtpCatcher:
 
     def start(self) -> None:
         self._controller.start()
+        self._running = True
 
     def stop(self) -> None:
-        self._controller.stop()
+        """Stop listening (idempotent): a test can take the server down mid-run."""
+        if self._running:
+            self._running = False
+            self._controller.stop()
+        if self._id_log is not None and not self._id_log.closed:
+            self._id_log.close()
 
     def _add(self, msg: CaughtMessage) -> None:
         with self._cond:
             self.messages.append(msg)
+            self.accepted_ids.append(msg.message_id)
+            if self._id_log is not None:
+                self._id_log.write(msg.message_id + "\n")
             self._cond.notify_all()
 
     def to(self, address: str) -> list[CaughtMessage]:
@@ -97,10 +119,20 @@ class _Handler:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
     ) -> str:
-        if address in self.catcher.reject_recipients:
+        c = self.catcher
+        c.attempts[address] = c.attempts.get(address, 0) + 1
+        if c.drop_rate and c.rng.random() < c.drop_rate:
+            server.transport.close()  # an abrupt hang-up before the message is accepted
+            return "421 4.4.2 Connection dropped"
+        if address in c.reject_recipients:
             return "550 5.1.1 Mailbox unavailable"
-        if address in self.catcher.defer_recipients:
+        if address in c.defer_recipients:
             return "451 4.3.0 Try again later"
+        if c.defer_counts.get(address, 0) > 0:
+            c.defer_counts[address] -= 1
+            return "451 4.3.0 Try again later"
+        if c.fail_rate and c.rng.random() < c.fail_rate:
+            return "451 4.3.2 System not accepting network messages"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 

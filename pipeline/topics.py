@@ -37,12 +37,17 @@ class Topics:
     def notifications_dlq(self, channel: str) -> str:
         return f"{self.prefix}notifications.{channel}.dlq"
 
+    def notifications_retry(self, channel: str, tier: int) -> str:
+        """Retry tier ``tier`` (1-based): records wait there until their not-before time."""
+        return f"{self.prefix}notifications.{channel}.retry.{tier}"
+
     @property
     def status(self) -> str:
         return f"{self.prefix}notifications.status"
 
-    def all(self, channels: tuple[str, ...] = CHANNELS) -> list[str]:
+    def all(self, channels: tuple[str, ...] = CHANNELS, retry_tiers: int = 3) -> list[str]:
         names = [*self.all_events(), self.events_dlq, self.status]
         for channel in channels:
             names += [self.notifications(channel), self.notifications_dlq(channel)]
+            names += [self.notifications_retry(channel, t) for t in range(1, retry_tiers + 1)]
         return names

@@ -20,7 +20,7 @@ def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> l
     """Create whichever of Herald's topics (or ``names``) do not exist yet.
     Returns the names created. Safe to run from several processes at once."""
     topics = Topics(settings.topic_prefix)
-    wanted = names if names is not None else topics.all()
+    wanted = names if names is not None else topics.all(retry_tiers=settings.sink_retry_tiers)
     admin = AdminClient(settings.admin_config())
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [n for n in wanted if n not in existing]

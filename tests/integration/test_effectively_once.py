@@ -1,0 +1,236 @@
+"""Effectively-once delivery on a real broker: ledger, retry topics, dead letters with their
+history, duplicates and offset resets that cost no provider call, the circuit breaker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline import headers as h
+from pipeline.kafka.admin import ensure_topics
+from pipeline.publisher import Publisher
+from pipeline.records import DELIVERY_STATUS, DeliveryState, notification_id
+from pipeline.settings import HeraldSettings
+from pipeline.smtp_catcher import SmtpCatcher
+from pipeline.topics import Topics
+from tests.integration.kafkautil import read_all
+from tests.integration.procs import HeraldProcess, herald_env
+
+pytestmark = pytest.mark.integration
+
+WAIT = 90.0
+
+
+@dataclass
+class Pipeline:
+    settings: HeraldSettings
+    smtp: SmtpCatcher
+    publisher: Publisher
+    router: HeraldProcess
+    sink: HeraldProcess
+    topics: Topics
+
+    def user(self, name: str) -> dict[str, str]:
+        uid = f"u-{uuid.uuid4().hex[:8]}"
+        return {"user_id": uid, "email": f"{name}-{uid}@example.com", "display_name": name}
+
+    def welcome(self, user: dict[str, str]) -> str:
+        event = self.publisher.publish_sync("user-registered", user)
+        return notification_id(event.event_id, "welcome-email", "email", user["email"])
+
+    def statuses(self, nid: str) -> list[DeliveryState]:
+        out = []
+        for msg in read_all(self.settings.kafka_bootstrap_servers, self.topics.status):
+            if h.as_dict(msg.headers()).get(h.NOTIFICATION_ID) == nid:
+                rec = self.publisher.serde.decode(msg.value(), expect=DELIVERY_STATUS).record
+                out.append(DeliveryState(rec["state"]))
+        return out
+
+    def wait_status(self, nid: str, state: DeliveryState) -> list[DeliveryState]:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            states = self.statuses(nid)
+            if state in states:
+                return states
+            assert self.sink.alive(), self.sink.tail()
+            time.sleep(0.3)
+        raise AssertionError(f"no {state} for {nid}; sink log:\n{self.sink.tail()}")
+
+    def records_for(self, topic: str, nid: str) -> list[dict[str, str]]:
+        return [
+            h.as_dict(m.headers())
+            for m in read_all(self.settings.kafka_bootstrap_servers, topic)
+            if h.as_dict(m.headers()).get(h.NOTIFICATION_ID) == nid
+        ]
+
+
+@pytest.fixture
+def pipeline(settings: HeraldSettings, tmp_path: Path) -> Iterator[Pipeline]:
+    with SmtpCatcher() as smtp:
+        s = settings.model_copy(
+            update={
+                "smtp_port": smtp.port,
+                "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}",
+                "sink_max_attempts": 3,
+                "sink_retry_backoff_ms": 200,
+                "sink_retry_backoff_max_ms": 1000,
+                "breaker_failure_threshold": 3,
+                "breaker_open_ms": 1000,
+                "breaker_open_max_ms": 2000,
+            }
+        )
+        s = HeraldSettings.model_validate(
+            {**s.model_dump(), "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"}
+        )
+        ensure_topics(s)
+        env = herald_env(s)
+        router = HeraldProcess("router", ["run", "router"], env, tmp_path).start()
+        sink = HeraldProcess("sink", ["run", "sink", "email"], env, tmp_path).start()
+        try:
+            yield Pipeline(
+                s, smtp, Publisher(s, producer_name="tests"), router, sink, Topics(s.topic_prefix)
+            )
+        finally:
+            sink.stop()
+            router.stop()
+
+
+def test_retryable_failure_goes_through_retry_tiers_then_delivers_once(pipeline: Pipeline) -> None:
+    user = pipeline.user("retry")
+    pipeline.smtp.defer_counts[user["email"]] = 2
+    nid = pipeline.welcome(user)
+
+    states = pipeline.wait_status(nid, DeliveryState.SENT)
+    assert states == [DeliveryState.RETRYING, DeliveryState.RETRYING, DeliveryState.SENT]
+    assert len(pipeline.smtp.to(user["email"])) == 1
+    assert pipeline.smtp.attempts[user["email"]] == 3
+    for tier, attempts in ((1, "1"), (2, "2")):
+        retry = pipeline.records_for(pipeline.topics.notifications_retry("email", tier), nid)
+        assert len(retry) == 1
+        assert retry[0][h.ATTEMPTS] == attempts
+        assert retry[0][h.ORIGINAL_TOPIC] == pipeline.topics.notifications("email")
+        assert int(retry[0][h.NOT_BEFORE]) > 0
+
+
+def test_exhausted_attempts_dead_letter_carries_the_failure_history(pipeline: Pipeline) -> None:
+    user = pipeline.user("dead")
+    pipeline.smtp.defer_recipients.add(user["email"])
+    nid = pipeline.welcome(user)
+
+    states = pipeline.wait_status(nid, DeliveryState.DEAD)
+    assert states == [DeliveryState.RETRYING, DeliveryState.RETRYING, DeliveryState.DEAD]
+    dead = pipeline.records_for(pipeline.topics.notifications_dlq("email"), nid)
+    assert len(dead) == 1
+    d = dead[0]
+    assert d[h.ATTEMPTS] == "3"
+    assert d[h.ORIGINAL_TOPIC] == pipeline.topics.notifications("email")
+    assert d[h.ERROR_MESSAGE].startswith("451")
+    assert d[h.FIRST_FAILED_AT] < d[h.LAST_FAILED_AT]
+    assert pipeline.smtp.to(user["email"]) == []
+
+
+def test_a_duplicated_intent_costs_no_second_provider_call(pipeline: Pipeline) -> None:
+    user = pipeline.user("dup")
+    nid = pipeline.welcome(user)
+    pipeline.wait_status(nid, DeliveryState.SENT)
+    [original] = [
+        m
+        for m in read_all(
+            pipeline.settings.kafka_bootstrap_servers, pipeline.topics.notifications("email")
+        )
+        if h.as_dict(m.headers()).get(h.NOTIFICATION_ID) == nid
+    ]
+    producer = pipeline.publisher._producer
+    for _ in range(3):  # as a router crash or a replay would
+        producer.produce(
+            original.topic(), original.value(), original.key(), headers=original.headers()
+        )
+    producer.flush(10)
+    marker = dict(user, email=f"marker-{user['email']}")  # same key: same partition, after
+    marker_nid = pipeline.welcome({**marker, "user_id": user["user_id"]})
+    pipeline.wait_status(marker_nid, DeliveryState.SENT)
+
+    assert len(pipeline.smtp.to(user["email"])) == 1
+    assert pipeline.statuses(nid) == [DeliveryState.SENT]
+    assert pipeline.smtp.attempts[user["email"]] == 1
+
+
+def _consumer_groups(settings: HeraldSettings, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "kafka", "consumer-groups", *args],
+        env=herald_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_reset_offsets_to_earliest_makes_no_provider_calls(pipeline: Pipeline) -> None:
+    users = [pipeline.user(f"reset{i}") for i in range(5)]
+    nids = [pipeline.welcome(u) for u in users]
+    for nid in nids:
+        pipeline.wait_status(nid, DeliveryState.SENT)
+    group = f"{pipeline.settings.sink_group_prefix}-email"
+    topic = pipeline.topics.notifications("email")
+    # Offsets are committed to Kafka as well as to the ledger: lag reaches 0.
+    deadline = time.monotonic() + 30
+    while True:
+        rows = [
+            line.split()
+            for line in _consumer_groups(
+                pipeline.settings, "--describe", "--group", group
+            ).splitlines()
+            if line.startswith(group) and f" {topic} " in f" {line} "
+        ]
+        if rows and all(r[5] == "0" for r in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(1)
+
+    assert pipeline.sink.stop() == 0
+    _consumer_groups(
+        pipeline.settings,
+        "--reset-offsets",
+        "--to-earliest",
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--execute",
+    )
+    pipeline.sink.start()
+    marker = pipeline.user("reset-marker")
+    pipeline.wait_status(pipeline.welcome(marker), DeliveryState.SENT)
+    for u, nid in zip(users, nids, strict=True):
+        assert len(pipeline.smtp.to(u["email"])) == 1
+        assert pipeline.statuses(nid) == [DeliveryState.SENT]
+
+
+def test_circuit_breaker_holds_deliveries_during_an_outage(pipeline: Pipeline) -> None:
+    port = pipeline.smtp.port
+    pipeline.smtp.stop()
+    users = [pipeline.user(f"outage{i}") for i in range(6)]
+    nids = [pipeline.welcome(u) for u in users]
+    deadline = time.monotonic() + WAIT
+    while "circuit breaker open" not in pipeline.sink.tail(400):
+        assert time.monotonic() < deadline, pipeline.sink.tail()
+        time.sleep(0.3)
+    with SmtpCatcher(port=port) as smtp:
+        for u in users:
+            assert smtp.wait_for(1, u["email"], timeout=WAIT), pipeline.sink.tail()
+        for nid in nids:
+            assert DeliveryState.DEAD not in pipeline.wait_status(nid, DeliveryState.SENT)
+    # Far fewer attempts than notifications x attempts: the breaker paused instead.
+    dead = read_all(
+        pipeline.settings.kafka_bootstrap_servers, pipeline.topics.notifications_dlq("email")
+    )
+    assert dead == []
