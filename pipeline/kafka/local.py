@@ -8,6 +8,11 @@ files live under one directory (``HERALD_KAFKA_HOME``, default ``.herald/kafka``
     data/                the log directory, formatted once with kafka.tools.StorageTool
     logs/server.log      broker output
     broker.pid           pid of the running broker
+
+By default the node is a single-node quorum of its own (``--standalone``). The optional
+fields make it one node of a static quorum instead (see pipeline/kafka/cluster.py): its
+``node_id``, the ``quorum_voters`` of all nodes, a shared ``cluster_id`` and ``lib_dir``, and
+``properties`` that override or add to the server.properties written here.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["KafkaNotProvisionedError", "KafkaStartError", "LocalKafka", "console_tools"]
@@ -80,6 +86,16 @@ class LocalKafka:
     controller_port: int = 9093
     java: str = "java"
     heap: str = "512m"
+    node_id: int = 1
+    # "1@127.0.0.1:9093,2@...": a static quorum (controller.quorum.voters), formatted without
+    # --standalone. None: this node alone is the quorum (controller.quorum.bootstrap.servers).
+    quorum_voters: str | None = None
+    # Formats the storage with this cluster id; None: a new random one.
+    cluster_id: str | None = None
+    # The jars, when shared with other nodes; None: home/lib.
+    lib_dir: Path | None = None
+    # server.properties entries that override or add to the defaults.
+    properties: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -87,7 +103,7 @@ class LocalKafka:
 
     @property
     def lib(self) -> Path:
-        return self.home / "lib"
+        return self.lib_dir if self.lib_dir is not None else self.home / "lib"
 
     @property
     def log_file(self) -> Path:
@@ -262,10 +278,15 @@ class LocalKafka:
         self._config.mkdir(parents=True, exist_ok=True)
         self._data.mkdir(parents=True, exist_ok=True)
         c = f"127.0.0.1:{self.controller_port}"
+        quorum = (
+            {"controller.quorum.voters": self.quorum_voters}
+            if self.quorum_voters is not None
+            else {"controller.quorum.bootstrap.servers": c}
+        )
         props = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": c,
+            "node.id": str(self.node_id),
+            **quorum,
             "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
             "controller.listener.names": "CONTROLLER",
@@ -285,6 +306,7 @@ class LocalKafka:
             # name must fail loudly instead of creating a new topic.
             "auto.create.topics.enable": "false",
             "log.retention.hours": "168",
+            **self.properties,
         }
         text = "".join(f"{k}={v}\n" for k, v in props.items())
         (self._config / "server.properties").write_text(text)
@@ -299,9 +321,14 @@ class LocalKafka:
             classpath,
             "kafka.tools.StorageTool",
         ]
-        cluster_id = subprocess.run(  # noqa: S603
-            [*base, "random-uuid"], check=True, capture_output=True, text=True
-        ).stdout.strip()
+        cluster_id = self.cluster_id
+        if cluster_id is None:
+            cluster_id = subprocess.run(  # noqa: S603
+                [*base, "random-uuid"], check=True, capture_output=True, text=True
+            ).stdout.strip()
+        # A static quorum (controller.quorum.voters) is formatted with neither --standalone
+        # nor --initial-controllers: StorageTool refuses both alongside the voters.
+        quorum = ["--standalone"] if self.quorum_voters is None else []
         subprocess.run(  # noqa: S603
             [
                 *base,
@@ -310,7 +337,7 @@ class LocalKafka:
                 cluster_id,
                 "-c",
                 str(self._config / "server.properties"),
-                "--standalone",
+                *quorum,
             ],
             check=True,
             capture_output=True,
