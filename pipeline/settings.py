@@ -54,6 +54,7 @@ class HeraldSettings(BaseSettings):
     router_app_id: str = "herald-router"
     processing_guarantee: str = "exactly_once"
     router_data_dir: Path = project_root() / ".herald" / "router"
+    router_session_timeout_s: float = 10.0
 
     # Sinks
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on
@@ -69,6 +70,11 @@ class HeraldSettings(BaseSettings):
     sink_retry_backoff_ms: int = 1_000
     sink_retry_backoff_max_ms: int = 300_000
     sink_commit_interval_ms: int = 50  # group commit of outcomes and offsets
+    # A crashed sink's partitions wait this long before another member takes them over...
+    sink_session_timeout_ms: int = 10_000
+    # ...unless it comes back with the same static member id (Kafka static membership),
+    # which gets its partitions back at once. Set per process, e.g. "sink-email-1".
+    sink_instance_id: str | None = None
     breaker_failure_threshold: int = 20  # consecutive retryable failures that open it
     breaker_open_ms: int = 5_000  # first pause; doubles while probes fail
     breaker_open_max_ms: int = 60_000
@@ -114,7 +120,11 @@ class HeraldSettings(BaseSettings):
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": self.sink_session_timeout_ms,
+            "heartbeat.interval.ms": max(500, self.sink_session_timeout_ms // 5),
         }
+        if self.sink_instance_id:
+            conf["group.instance.id"] = self.sink_instance_id
         conf.update(extra)
         return conf
 

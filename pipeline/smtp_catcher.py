@@ -62,6 +62,7 @@ class SmtpCatcher:
         self.rng = random.Random()  # noqa: S311 - fault injection, not crypto
         self.attempts: dict[str, int] = {}  # RCPT attempts per address
         self.accepted_ids: list[str] = []  # Message-ID of every accepted message, in order
+        self.keep_messages = True  # False for long runs: ids only
         self._id_log = id_log.open("a", buffering=1) if id_log is not None else None
         self._cond = threading.Condition()
         self._running = False
@@ -88,10 +89,11 @@ class SmtpCatcher:
 
     def _add(self, msg: CaughtMessage) -> None:
         with self._cond:
-            self.messages.append(msg)
+            if self.keep_messages:
+                self.messages.append(msg)
             self.accepted_ids.append(msg.message_id)
             if self._id_log is not None:
-                self._id_log.write(msg.message_id + "\n")
+                self._id_log.write(f"{msg.message_id} {','.join(msg.rcpt_tos)}\n")
             self._cond.notify_all()
 
     def to(self, address: str) -> list[CaughtMessage]:

@@ -60,6 +60,8 @@ def create_app(settings: HeraldSettings) -> faust.App:
         web_enabled=False,
         datadir=str(settings.router_data_dir),
         producer_acks=-1,
+        broker_session_timeout=settings.router_session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.router_session_timeout_s / 5),
         producer_max_request_size=settings.max_record_bytes + 64 * 1024,
     )
     source = app.topic(
