@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down clean
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ lint: install
 	$(BIN)/ruff format --check pipeline connectors tests
 	$(BIN)/mypy
 
+# PostgreSQL server binaries for the ledger tests, which start a throwaway server of their own
+# (or use HERALD_TEST_POSTGRES_URL). Installs Debian's package when missing (as root).
+postgres:
+	scripts/ensure-postgres.sh
+
 # The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
-test: install kafka-jars lint
+test: install kafka-jars postgres lint
 	$(BIN)/pytest
 
 clean:

@@ -16,7 +16,8 @@ Message-ID: a second notification that dedupe by Message-ID cannot remove) and r
 duplicates (one Message-ID received more than once: the SMTP duplicate window, bounded by
 what was in flight at each kill). The last line is:
 
-    RESULT events=N delivered=D lost=L duplicates=X raw_duplicates=R kills=K broker_restarts=B seconds=S
+    RESULT events=N delivered=D lost=L duplicates=X raw_duplicates=R kills=K
+           broker_restarts=B seconds=S          (one line)
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Proc:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(  # noqa: S603
+            self.proc = subprocess.Popen(
                 argv_python(self.argv),
                 env=self.env,
                 stdout=out,
@@ -147,7 +148,7 @@ def received(id_log: Path) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    rng = random.Random(args.seed)  # noqa: S311 - chaos schedule
+    rng = random.Random(args.seed)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="herald-chaos-"))
     say(f"work dir {work}")
@@ -169,9 +170,7 @@ def run(args: argparse.Namespace) -> int:
             (home / "lib" / jar.name).symlink_to(jar)
         broker = LocalKafka(home, port=free_port(), controller_port=free_port())
         replication = 1
-    say(
-        f"starting {'a ' + str(args.cluster) + '-broker cluster' if args.cluster > 1 else 'the broker'}"
-    )
+    say(f"starting {f'a {args.cluster}-broker cluster' if args.cluster > 1 else 'the broker'}")
     broker.start()
     bootstrap = broker.bootstrap_servers
 

@@ -21,7 +21,7 @@ from datetime import datetime
 
 from pipeline.records import DeliveryState
 
-__all__ = ["TERMINAL", "Ledger", "LedgerEntry", "LedgerOutcome", "open_ledger"]
+__all__ = ["TERMINAL", "Ledger", "LedgerEntry", "LedgerError", "LedgerOutcome", "open_ledger"]
 
 TERMINAL = frozenset({DeliveryState.SENT, DeliveryState.REJECTED, DeliveryState.DEAD})
 
@@ -29,6 +29,11 @@ TERMINAL = frozenset({DeliveryState.SENT, DeliveryState.REJECTED, DeliveryState.
 Key = tuple[str, int]
 # (topic, partition)
 TP = tuple[str, int]
+
+
+class LedgerError(RuntimeError):
+    """A ledger operation failed (connection, schema or transaction). Its message never holds
+    the password of the ledger URL."""
 
 
 @dataclass(frozen=True)
