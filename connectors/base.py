@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Self
 
+from pydantic_settings import BaseSettings
+
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -53,9 +55,19 @@ class Connector(ABC):
     channel: ClassVar[str]
     #: Most bytes of body the provider takes; larger intents are rejected before sending.
     max_body_bytes: ClassVar[int | None] = None
-    #: Settings (HeraldSettings field names) this connector reads; `herald connectors list`
-    #: shows them.
+    #: The connector's own settings: a pydantic-settings class with its own env prefix
+    #: (e.g. HERALD_WEBHOOK_), secrets as SecretStr. `herald connectors list` shows them.
+    settings_class: ClassVar[type[BaseSettings] | None] = None
+    #: For connectors configured through HeraldSettings instead: the field names they read.
     settings_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """Environment variable names of the connector's settings."""
+        if cls.settings_class is not None:
+            prefix = str(cls.settings_class.model_config.get("env_prefix", ""))
+            return [f"{prefix}{name}".upper() for name in cls.settings_class.model_fields]
+        return [f"HERALD_{k.upper()}" for k in cls.settings_keys]
 
     @classmethod
     @abstractmethod

@@ -192,7 +192,7 @@ def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     from connectors.registry import load_connectors
 
     for channel, cls in sorted(load_connectors().items()):
-        keys = ", ".join(f"HERALD_{k.upper()}" for k in cls.settings_keys)
+        keys = ", ".join(cls.setting_names())
         print(f"{channel:10} {cls.__module__}.{cls.__name__}")
         if keys:
             print(f"{'':10} settings: {keys}")

@@ -74,12 +74,19 @@ def _intent(
     context: dict[str, Any],
     now: datetime,
 ) -> NotificationIntent:
-    recipient = _lookup(record, rule.recipient)
-    if not isinstance(recipient, str) or not recipient.strip():
-        raise MissingRecipientError(
-            rule.name, f"recipient field {rule.recipient!r} is missing or empty", rule.recipient
-        )
+    if rule.recipient is not None:
+        recipient = _lookup(record, rule.recipient)
+        if not isinstance(recipient, str) or not recipient.strip():
+            raise MissingRecipientError(
+                rule.name, f"recipient field {rule.recipient!r} is missing or empty", rule.recipient
+            )
+    else:
+        assert rule.to is not None  # noqa: S101 - parse_rules guarantees one of the two
+        recipient = templates.render_string(rule.to, context)
+        if not recipient:
+            raise MissingRecipientError(rule.name, f"'to' template {rule.to!r} rendered empty")
     recipient = recipient.strip()
+    data = {k: templates.render_string(v, context) for k, v in rule.data.items()}
     rendered = templates.render(rule.template, context)
     user_id = record.get("user_id")
     return NotificationIntent(
@@ -93,6 +100,7 @@ def _intent(
         body_text=rendered.body_text,
         body_html=rendered.body_html,
         user_id=str(user_id) if user_id is not None else None,
+        data=data,
         created_at=now,
         traceparent=envelope.get("traceparent"),
     )

@@ -4,9 +4,11 @@
     name = "welcome-email"          # unique; part of every notification id it produces
     event = "user-registered"       # event type
     channel = "email"
-    recipient = "email"             # dotted path to the recipient field in the event
+    recipient = "email"             # dotted path to the recipient field in the event, or
+    # to = "https://hooks.example.com/{{ user_id }}"    a Jinja template (may be a constant)
     template = "welcome"            # directory under the templates dir
     when = "locale is none or locale.startswith('en')"   # optional Jinja expression
+    data = { url = "https://app.example.com/orders/{{ order_id }}" }   # optional, templates
 
 A rule's name is part of the notification id, so renaming a rule makes its future
 notifications new ones: rename with care.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +36,11 @@ class Rule:
     name: str
     event: str
     channel: str
-    recipient: str
     template: str
+    recipient: str | None = None  # a field path in the event...
+    to: str | None = None  # ...or a template for the recipient
     when: str | None = None
+    data: dict[str, str] = field(default_factory=dict)  # channel extras, as templates
 
 
 class RuleSet:
@@ -67,12 +71,23 @@ def parse_rules(doc: dict[str, Any], source: str = "rules") -> RuleSet:
         where = f"{source}: rules[{i}]"
         if not isinstance(item, dict):
             raise RuleError(f"{where}: must be a table")
-        unknown = set(item) - {"name", "event", "channel", "recipient", "template", "when"}
+        known = {"name", "event", "channel", "recipient", "to", "template", "when", "data"}
+        unknown = set(item) - known
         if unknown:
             raise RuleError(f"{where}: unknown keys {sorted(unknown)}")
-        for key in ("name", "event", "channel", "recipient", "template"):
+        for key in ("name", "event", "channel", "template"):
             if not isinstance(item.get(key), str) or not item[key]:
                 raise RuleError(f"{where}: '{key}' is required and must be a string")
+        if ("recipient" in item) == ("to" in item):
+            raise RuleError(f"{where}: give exactly one of 'recipient' (a field) or 'to'")
+        for key in ("recipient", "to"):
+            if key in item and (not isinstance(item[key], str) or not item[key]):
+                raise RuleError(f"{where}: '{key}' must be a non-empty string")
+        data = item.get("data", {})
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise RuleError(f"{where}: 'data' must be a table of strings")
         if not _NAME.match(item["name"]):
             raise RuleError(f"{where}: name {item['name']!r} must match {_NAME.pattern}")
         if item["name"] in first_use:

@@ -43,6 +43,7 @@ class Templates:
             auto_reload=False,
         )
         self._conditions: dict[str, Any] = {}
+        self._strings: dict[str, Any] = {}
 
     def render(self, name: str, context: dict[str, Any]) -> Rendered:
         subject = self._render_optional(f"{name}/subject.txt", context)
@@ -68,6 +69,16 @@ class Templates:
                         self._env.get_template(f"{name}/{part}")
                     except jinja2.TemplateSyntaxError as e:
                         raise TemplateRenderError(f"{name}/{part}:{e.lineno}: {e.message}") from e
+
+    def render_string(self, source: str, context: dict[str, Any]) -> str:
+        """Render a one-line template from a rule (``to``, ``data`` values)."""
+        try:
+            compiled = self._strings.get(source)
+            if compiled is None:
+                compiled = self._strings[source] = self._env.from_string(source)
+            return " ".join(compiled.render(context).split())
+        except Exception as e:  # Jinja errors and Python errors on the event's values
+            raise TemplateRenderError(f"template {source!r}: {type(e).__name__}: {e}") from e
 
     def condition(self, expression: str, context: dict[str, Any]) -> bool:
         try:

@@ -138,8 +138,8 @@ def test_condition_sees_the_event_type_and_the_event(templates: Templates) -> No
 def test_several_rules_make_several_intents_in_rule_order(templates: Templates) -> None:
     rules = RuleSet(
         [
-            Rule("a-welcome", "user-registered", "email", "email", "welcome"),
-            Rule("b-welcome", "user-registered", "email", "email", "welcome"),
+            Rule("a-welcome", "user-registered", "email", template="welcome", recipient="email"),
+            Rule("b-welcome", "user-registered", "email", template="welcome", recipient="email"),
         ]
     )
     intents = route("user-registered", _decoded(user_registered()), rules, templates, NOW)
