@@ -41,7 +41,7 @@ lint: install
 # PostgreSQL server binaries for the ledger tests, which start a throwaway server of their own
 # (or use HERALD_TEST_POSTGRES_URL). Installs Debian's package when missing (as root).
 postgres:
-	scripts/ensure-postgres.sh
+	bash scripts/ensure-postgres.sh
 
 # The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
 test: install kafka-jars postgres lint

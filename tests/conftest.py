@@ -14,10 +14,14 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from pipeline.settings import HeraldSettings, project_root
+from tests import pg
 
 
 def free_port() -> int:
@@ -82,3 +86,38 @@ def settings(kafka_bootstrap: str, tmp_path: Path) -> HeraldSettings:
         sink_group_prefix=f"{prefix}sink",
         router_data_dir=tmp_path / "router",
     )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A superuser DSN on a throwaway server for the session (or HERALD_TEST_POSTGRES_URL)."""
+    try:
+        server = pg.postgres_server()
+        url = server.__enter__()
+    except pg.PostgresUnavailable as exc:
+        # A missing server is a failure, never a quiet skip: `make test` installs one.
+        pytest.fail(f"{exc} (run `make postgres`)")
+    try:
+        yield url
+    finally:
+        server.__exit__(None, None, None)
+
+
+def _with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{dbname}", parts.query, parts.fragment))
+
+
+@pytest.fixture
+def fresh_postgres_database(postgres_url: str) -> Iterator[str]:
+    """The URL of a new, empty database, dropped after the test."""
+    name = f"ledger_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield _with_database(postgres_url, name)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

@@ -46,10 +46,18 @@ def test_chaos_short_sqlite_ledger() -> None:
     assert r["raw"] <= r["kills"] * 8 * 3  # in-flight window per sink process
 
 
-def test_chaos_short_postgres_ledger(postgres_url: str) -> None:
+def test_chaos_short_postgres_ledger(fresh_postgres_database: str) -> None:
     r = run_chaos(
-        "--events", "1500", "--kills", "1", "--seed", "43", "--settle", "3",
-        "--ledger-url", postgres_url,
+        "--events",
+        "1500",
+        "--kills",
+        "1",
+        "--seed",
+        "43",
+        "--settle",
+        "3",
+        "--ledger-url",
+        fresh_postgres_database,
     )
     assert r["events"] == r["delivered"] == 1500
     assert r["lost"] == 0
