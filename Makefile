@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres clean
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres chaos clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,14 @@ postgres:
 # The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
 test: install kafka-jars postgres lint
 	$(BIN)/pytest
+
+# Fault injection (not part of `make test`; a short version of it is):
+#   make chaos EVENTS=100000          single broker, killed and restarted once
+#   make chaos CLUSTER=3              3-broker cluster, one broker killed mid-run
+EVENTS ?= 100000
+CLUSTER ?= 1
+chaos: install kafka-jars
+	$(BIN)/python -m bench.chaos --events $(EVENTS) --cluster $(CLUSTER)
 
 clean:
 	rm -rf $(VENV) .herald *.egg-info .pytest_cache .mypy_cache .ruff_cache

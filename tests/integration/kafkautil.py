@@ -15,11 +15,15 @@ def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
             low, high = consumer.get_watermark_offsets(tp, timeout=10)
             return int(low), int(high)
         except KafkaException as e:
-            if attempt == 19 or (not e.args[0].retriable() and e.args[0].code() not in (
-                KafkaError.NOT_LEADER_FOR_PARTITION,
-                KafkaError.LEADER_NOT_AVAILABLE,
-                KafkaError.UNKNOWN_TOPIC_OR_PART,
-            )):
+            if attempt == 19 or (
+                not e.args[0].retriable()
+                and e.args[0].code()
+                not in (
+                    KafkaError.NOT_LEADER_FOR_PARTITION,
+                    KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                )
+            ):
                 raise
             time.sleep(0.25)
     raise AssertionError("unreachable")
