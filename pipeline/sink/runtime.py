@@ -109,7 +109,7 @@ class _Partition:
 
 @dataclass
 class _Completion:
-    tp: TP
+    part: _Partition  # the assignment it was started under (a regained partition is new)
     offset: int
     outcome: LedgerOutcome | None
 
@@ -266,6 +266,11 @@ class SinkWorker:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
+        # librdkafka keeps a partition's pause flag across losing and regaining it; a
+        # partition we paused before a lost session would otherwise never deliver again.
+        consumer.resume(partitions)
+        for key in tps:
+            self._pause_requests.pop(key, None)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -285,6 +290,10 @@ class SinkWorker:
         # owner is skipped once those land, or carries the same idempotency key.
         log.warning("%s sink lost %s", self.channel, _describe(partitions))
         self._call_on_loop(self._forget([(p.topic, p.partition) for p in partitions]))
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
 
     def _call_on_loop(self, coro: Any) -> Any:
         assert self._loop is not None  # noqa: S101
@@ -354,7 +363,7 @@ class SinkWorker:
             log.warning("dead-lettering %s[%d]@%d to %s: %s", topic, partition, offset, self.dlq, e)
             self.stats.undecodable += 1
             self._dead_letter(msg, e, attempts=0, error_class=None)
-            self._complete(part.tp, offset, None)
+            self._complete(part, offset, None)
             return
         key = (intent.notification_id, intent.generation)
         while key in self._inflight:  # the same notification twice: one at a time
@@ -367,7 +376,7 @@ class SinkWorker:
         finally:
             del self._inflight[key]
             done.set_result(None)
-        self._complete(part.tp, offset, outcome)
+        self._complete(part, offset, outcome)
 
     async def _deliver(
         self, msg: Message, intent: NotificationIntent, key: Key, attempts_before: int
@@ -469,8 +478,8 @@ class SinkWorker:
 
     # -- recording ---------------------------------------------------------------------------
 
-    def _complete(self, tp: TP, offset: int, outcome: LedgerOutcome | None) -> None:
-        self._pending.append(_Completion(tp, offset, outcome))
+    def _complete(self, part: _Partition, offset: int, outcome: LedgerOutcome | None) -> None:
+        self._pending.append(_Completion(part, offset, outcome))
 
     async def _record_loop(self) -> None:
         interval = self.settings.sink_commit_interval_ms / 1000
@@ -499,11 +508,10 @@ class SinkWorker:
             raise KafkaException(errors[0])
         touched: dict[TP, _Partition] = {}
         for c in batch:
-            part = self._parts.get(c.tp)
-            if part is None:
+            if c.part.revoked:  # outcome still recorded; its offset is the next owner's
                 continue
-            part.done.add(c.offset)
-            touched[c.tp] = part
+            c.part.done.add(c.offset)
+            touched[c.part.tp] = c.part
         offsets: dict[TP, int] = {}
         for tp, part in touched.items():
             while part.order and part.order[0] in part.done:
@@ -523,9 +531,7 @@ class SinkWorker:
         for tp, offset in offsets.items():  # merged: the consumer thread may not have run yet
             self._commit_request[tp] = max(offset, self._commit_request.get(tp, offset))
         for c in batch:
-            part = self._parts.get(c.tp)
-            if part is not None:
-                part.active -= 1
+            c.part.active -= 1
         for part in touched.values():
             self._pump(part)
         return commit

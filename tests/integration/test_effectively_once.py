@@ -182,7 +182,7 @@ def test_reset_offsets_to_earliest_makes_no_provider_calls(pipeline: Pipeline) -
     group = f"{pipeline.settings.sink_group_prefix}-email"
     topic = pipeline.topics.notifications("email")
     # Offsets are committed to Kafka as well as to the ledger: lag reaches 0.
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT
     while True:
         rows = [
             line.split()
