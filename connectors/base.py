@@ -80,5 +80,10 @@ class Connector(ABC):
         intents of different partitions and of one partition. Must not raise for a provider
         failure: return RETRYABLE or REJECTED. An exception is treated as RETRYABLE."""
 
+    def describe_recipient(self, recipient: str) -> str:
+        """The recipient as statuses, the ledger and logs show it. Override when the
+        address holds a secret (a push subscription carries its auth key)."""
+        return recipient
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Called once when the sink stops."""
