@@ -123,7 +123,7 @@ def test_versions_are_sorted_and_latest_is_newest(schemas: SchemaSet) -> None:
         assert versions == sorted(versions)
         assert len(versions) == len(set(versions)), f"{name} has a version twice"
         assert schemas.latest(name).version == versions[-1]
-    assert schemas.latest("herald.events.UserRegistered").version == 2
+    assert schemas.latest("herald.events.UserRegistered").version == 3
 
 
 # -- invalid schema directories -------------------------------------------------------------

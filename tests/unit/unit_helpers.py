@@ -40,6 +40,7 @@ def user_registered(**overrides: Any) -> dict[str, Any]:
         "email": "ada@example.com",
         "display_name": "Ada",
         "locale": "en-GB",
+        "phone": None,
     }
     record.update(overrides)
     return record
