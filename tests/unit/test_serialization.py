@@ -156,7 +156,7 @@ def test_v1_single_object_record_reads_in_newest_shape(
 
 
 def test_v1_confluent_record_reads_in_newest_shape(schemas: SchemaSet) -> None:
-    """An old producer registered v1 in the registry; the reader resolves it to the newest version."""
+    """An old producer registered v1; the reader resolves it to the newest version."""
     registry = mock_registry()
     v1 = schemas.versions(USER_REGISTERED)[0]
     schema_id = registry.register_schema(USER_REGISTERED, RegistrySchema(v1.to_json(), "AVRO"))
