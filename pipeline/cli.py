@@ -189,13 +189,16 @@ def cmd_tail(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    import textwrap
+
     from connectors.registry import load_connectors
 
     for channel, cls in sorted(load_connectors().items()):
-        keys = ", ".join(cls.setting_names())
         print(f"{channel:10} {cls.__module__}.{cls.__name__}")
+        keys = ", ".join(cls.setting_names())
         if keys:
-            print(f"{'':10} settings: {keys}")
+            wrapped = textwrap.wrap(f"settings: {keys}", 88)
+            print("\n".join(f"{'':11}{line}" for line in wrapped))
     return 0
 
 

@@ -1,0 +1,247 @@
+"""SMS through the Twilio Messages API (or any provider speaking its shape).
+
+- ``POST {base_url}/2010-04-01/Accounts/{account_sid}/Messages.json``, form-encoded ``To``,
+  ``From`` and/or ``MessagingServiceSid``, ``Body``; HTTP basic auth ``account_sid:auth_token``.
+- The recipient is validated and normalized to E.164 with ``phonenumbers`` before anything is
+  sent (national numbers are read in ``HERALD_SMS_DEFAULT_REGION``); an invalid one is
+  rejected as ``InvalidRecipient`` without a request.
+- The intent's idempotency key goes in the ``I-Twilio-Idempotency-Token`` header. Herald does
+  not rely on Twilio deduplicating on it: whether and for how long it does is Twilio's to
+  document, so SMS keeps the duplicate window every HTTP provider without a documented
+  idempotency key has (a crash after Twilio accepted and before the ledger recorded it).
+- The response text names the encoding and the segment count Herald computed (GSM-7: 160
+  septets in one segment, 153 per segment when concatenated, the extension table's characters
+  taking two; UCS-2: 70 / 67 UTF-16 code units), e.g. ``queued SM123 (gsm7, 2 segments)``:
+  the count is what the message costs.
+
+Outcomes: 2xx sent; Twilio codes 21211, 21614, 21217 (invalid number) rejected
+``InvalidRecipient``; 21610 (the recipient replied STOP) rejected ``RecipientGone``; 20003
+(authentication) and 21212 (invalid From number) are problems of Herald's configuration that
+fail every message alike, so they are *retryable*: the sink's circuit breaker then pauses the
+channel until an operator fixes the credentials, instead of rejecting every notification
+meanwhile. 429 (Twilio 20429) and 5xx are retryable with Retry-After; other 4xx rejected
+(error class ``Twilio<code>``); timeouts and connection errors retryable.
+
+A 2xx whose body is not the expected JSON is taken as sent: Twilio said it accepted the
+message, and sending it again would text the person twice. Its response says so and it has
+no provider message id.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, NamedTuple, Self
+
+import httpx
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from connectors.base import Connector, DeliveryResult
+from pipeline.records import NotificationIntent
+from pipeline.settings import HeraldSettings
+
+__all__ = ["SmsConnector", "SmsEncoding", "SmsSettings", "normalize_number", "sms_encoding"]
+
+_INSTALL = "pip install 'herald[sms]'"
+
+# GSM 03.38 default alphabet (ESC, 0x1B, left out: it only introduces the extension table).
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+# The extension table: each character is sent as ESC + a septet, so it takes two.
+_GSM_EXTENDED = frozenset("\f^{}\\[~]|€")
+
+_INVALID_NUMBER = {21211, 21614, 21217}  # invalid 'To', not a mobile number, not valid
+_UNSUBSCRIBED = 21610  # the recipient replied STOP
+# Our configuration, wrong for every message alike: retryable, so the breaker pauses.
+_CONFIG = {20003: "AuthenticationFailed", 21212: "InvalidFromNumber"}
+
+
+class SmsEncoding(NamedTuple):
+    encoding: str  # "gsm7" or "ucs2"
+    units: int  # septets (GSM-7) or UTF-16 code units (UCS-2)
+    segments: int
+
+
+def sms_encoding(text: str) -> SmsEncoding:
+    """How ``text`` goes over SMS: GSM-7 when every character is in the GSM 03.38 alphabet
+    (extension characters count two septets), else UCS-2 (UTF-16 code units, so a character
+    outside the BMP counts two). A two-unit character is never split across segments."""
+    if all(c in _GSM_BASIC or c in _GSM_EXTENDED for c in text):
+        encoding, single, per_segment = "gsm7", 160, 153
+        units = [2 if c in _GSM_EXTENDED else 1 for c in text]
+    else:
+        encoding, single, per_segment = "ucs2", 70, 67
+        units = [2 if ord(c) > 0xFFFF else 1 for c in text]
+    total = sum(units)
+    if total <= single:
+        return SmsEncoding(encoding, total, 1)
+    segments, used = 1, 0
+    for unit in units:
+        if used + unit > per_segment:
+            segments, used = segments + 1, 0
+        used += unit
+    return SmsEncoding(encoding, total, segments)
+
+
+class InvalidNumberError(ValueError):
+    """A recipient that is not a valid phone number."""
+
+
+def normalize_number(number: str, default_region: str | None = None) -> str:
+    """``number`` in E.164 (``+447700900123``). National numbers are read in
+    ``default_region`` (ISO 3166 alpha-2, e.g. "GB"). Raises InvalidNumberError."""
+    try:
+        import phonenumbers
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise RuntimeError(f"the sms connector needs phonenumbers: {_INSTALL}") from e
+    try:
+        parsed = phonenumbers.parse(number, default_region)
+    except phonenumbers.NumberParseException as e:
+        raise InvalidNumberError(f"recipient is not a phone number: {e}") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise InvalidNumberError("recipient is not a valid phone number")
+    return str(phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164))
+
+
+class SmsSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HERALD_SMS_", extra="ignore")
+
+    base_url: str = "https://api.twilio.com"
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    # The sender: a number (or alphanumeric sender id) and/or a Messaging Service.
+    from_number: str | None = None
+    messaging_service_sid: str | None = None
+    # Region for recipients written without a country code, e.g. "GB"; none: E.164 only.
+    default_region: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+
+
+class SmsConnector(Connector):
+    channel = "sms"
+    # Twilio refuses a Body over 1,600 characters (error 21617).
+    max_body_chars: ClassVar[int] = 1600
+    settings_class = SmsSettings
+
+    def __init__(self, config: SmsSettings) -> None:
+        """Raises ValueError for a configuration that cannot send anything, and
+        RuntimeError when phonenumbers is not installed."""
+        if not config.account_sid:
+            raise ValueError("HERALD_SMS_ACCOUNT_SID is not set")
+        if not config.auth_token.get_secret_value():
+            raise ValueError("HERALD_SMS_AUTH_TOKEN is not set")
+        if not (config.from_number or config.messaging_service_sid):
+            raise ValueError("set HERALD_SMS_FROM_NUMBER or HERALD_SMS_MESSAGING_SERVICE_SID")
+        try:
+            import phonenumbers  # noqa: F401 - fail at startup, not on the first message
+        except ImportError as e:
+            raise RuntimeError(f"the sms connector needs phonenumbers: {_INSTALL}") from e
+        self.config = config
+        base = config.base_url.rstrip("/")
+        self._url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
+        self._client: httpx.AsyncClient | None = None
+
+    @classmethod
+    def from_settings(cls, settings: HeraldSettings) -> Self:
+        return cls(SmsSettings())
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            c = self.config
+            self._client = httpx.AsyncClient(
+                auth=httpx.BasicAuth(c.account_sid, c.auth_token.get_secret_value()),
+                timeout=httpx.Timeout(c.read_timeout_s, connect=c.connect_timeout_s),
+                follow_redirects=False,
+            )
+        return self._client
+
+    async def send(self, intent: NotificationIntent) -> DeliveryResult:
+        try:
+            to = normalize_number(intent.recipient, self.config.default_region)
+        except InvalidNumberError as e:
+            return DeliveryResult.rejected("InvalidRecipient", str(e))
+        body = intent.body_text
+        if not body:
+            return DeliveryResult.rejected("InvalidPayload", "the SMS body is empty")
+        if len(body) > self.max_body_chars:
+            return DeliveryResult.rejected(
+                "PayloadTooLarge",
+                f"the SMS body has {len(body)} characters, over {self.max_body_chars}",
+            )
+        form = {"To": to, "Body": body}
+        if self.config.from_number:
+            form["From"] = self.config.from_number
+        if self.config.messaging_service_sid:
+            form["MessagingServiceSid"] = self.config.messaging_service_sid
+        try:
+            response = await self._http().post(
+                self._url,
+                data=form,
+                headers={
+                    "I-Twilio-Idempotency-Token": intent.idempotency_key,
+                    "Accept": "application/json",
+                },
+            )
+        except httpx.HTTPError as e:
+            return DeliveryResult.retryable(type(e).__name__, str(e) or type(e).__name__)
+        return _outcome(response, sms_encoding(body))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _outcome(response: httpx.Response, encoding: SmsEncoding) -> DeliveryResult:
+    status = response.status_code
+    answer = _json(response)
+    cost = f"({encoding.encoding}, {encoding.segments} segment{'s' * (encoding.segments != 1)})"
+    if 200 <= status < 300:
+        sid = answer.get("sid")
+        if not isinstance(sid, str):
+            return DeliveryResult.sent(f"{status} with an unreadable body, taken as sent {cost}")
+        return DeliveryResult.sent(f"{answer.get('status', status)} {sid} {cost}", sid)
+    code = answer.get("code")
+    message = str(answer.get("message") or response.reason_phrase or "")
+    text = f"{status} {code} {message}" if isinstance(code, int) else f"{status} {message}"
+    if code in _INVALID_NUMBER:
+        return DeliveryResult.rejected("InvalidRecipient", text)
+    if code == _UNSUBSCRIBED:
+        return DeliveryResult.rejected("RecipientGone", text)
+    if isinstance(code, int) and code in _CONFIG:
+        return DeliveryResult.retryable(_CONFIG[code], text)
+    error_class = f"Twilio{code}" if isinstance(code, int) else f"HTTP{status}"
+    if status == 429 or status >= 500:
+        return DeliveryResult.retryable(error_class, text, _retry_after(response))
+    if status == 401:  # no Twilio code, but still the credentials: see _CONFIG
+        return DeliveryResult.retryable("AuthenticationFailed", text)
+    return DeliveryResult.rejected(error_class, text)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
