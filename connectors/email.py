@@ -10,17 +10,28 @@
 
 The message is built once as bytes and handed to ``sendmail``: aiosmtplib's
 ``send_message`` re-flattens the EmailMessage on every call, which measured ~8x slower.
+
+``build_message`` writes the bytes that ``EmailMessage(policy=SMTP)`` would write, without
+building one: the header registry, content manager and generator cost ~1.5 ms per message
+(measured: more than half of the email sink's CPU). Header values that the policy writes
+unchanged (short printable ASCII) are written directly; every other value goes through the
+policy's own header parsing and folding, and bodies through the same quoted-printable
+encoder, so the output is byte for byte what EmailMessage produces (with a random MIME
+boundary drawn the same way).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import ssl
+import sys
+from email import quoprimime
 from email.headerregistry import Address
-from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
+from functools import lru_cache
 from typing import Self
 
 import aiosmtplib
@@ -53,27 +64,97 @@ def _check_header(value: str, what: str) -> str:
     return value
 
 
+# Values the SMTP policy writes exactly as given when the line fits (78 characters):
+# printable ASCII words separated by single spaces, with no encoded-word opener ("=?").
+_PLAIN = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
+# Structured headers are parsed by the policy; these shapes come out of parsing unchanged.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOMAIN = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@{_DOMAIN}")
+_PLAIN_MESSAGE_ID = re.compile(rf"<{_DOMAIN}@{_DOMAIN}>")
+_PLAIN_DATE = re.compile(
+    r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d "
+    r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d [+-]\d{4}"
+)
+_MAX_LINE = SMTP_POLICY.max_line_length or 78
+_QP_HEADERS = b'; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n'
+_TEXT_PART = b"Content-Type: text/plain" + _QP_HEADERS
+_HTML_PART = b"Content-Type: text/html" + _QP_HEADERS + b"MIME-Version: 1.0\r\n"
+_BOUNDARY_DIGITS = len(repr(sys.maxsize - 1))  # as email.generator draws boundaries
+
+
+def _header(name: str, value: str, plain: re.Pattern[str] = _PLAIN) -> bytes:
+    """One header as the SMTP policy writes it: directly when the value is plain and the
+    line short, else through the policy's parser and folder (which also refuses line
+    breaks with ValueError)."""
+    if len(name) + 2 + len(value) <= _MAX_LINE and "=?" not in value and plain.fullmatch(value):
+        return f"{name}: {value}\r\n".encode("ascii")
+    return SMTP_POLICY.fold_binary(name, SMTP_POLICY.header_store_parse(name, value)[1])
+
+
+@lru_cache(maxsize=16)
+def _sender(sender: str) -> tuple[str, bytes]:
+    """(envelope sender, From header) for HERALD_EMAIL_FROM, parsed and folded once."""
+    name, addr = parseaddr(sender)
+    _check_address(addr, "HERALD_EMAIL_FROM")
+    value = Address(display_name=name, addr_spec=addr) if name else addr
+    return addr, SMTP_POLICY.fold_binary("From", SMTP_POLICY.header_store_parse("From", value)[1])
+
+
+def _quoted_printable(text: str) -> bytes:
+    """A text body as EmailMessage.set_content(text, cte="quoted-printable") encodes it and
+    the generator writes it (CRLF line ends)."""
+    lines = text.encode("utf-8").splitlines()
+    encoded = quoprimime.body_encode((b"\n".join(lines) + b"\n").decode("latin-1"), _MAX_LINE)
+    return encoded.replace("\n", "\r\n").encode("ascii")
+
+
 def build_message(
     intent: NotificationIntent, sender: str, message_id_domain: str
 ) -> tuple[str, str, bytes]:
-    """(envelope sender, recipient, message bytes) for an intent. Raises
+    """(envelope sender, recipient, message bytes) for an intent: multipart/alternative
+    when it has HTML, text/plain otherwise, quoted-printable UTF-8. Raises
     InvalidAddressError for a recipient or header that is unsafe to send."""
     recipient = _check_address(intent.recipient, "recipient")
-    name, sender_addr = parseaddr(sender)
-    _check_address(sender_addr, "HERALD_EMAIL_FROM")
+    sender_addr, from_header = _sender(sender)
     subject = _check_header(intent.subject or "", "subject")
-    msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = Address(display_name=name, addr_spec=sender_addr) if name else sender_addr
-    msg["To"] = recipient
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(intent.created_at)
-    msg["Message-ID"] = f"<{intent.idempotency_key}@{message_id_domain}>"
-    msg["X-Herald-Notification-Id"] = intent.notification_id
-    msg["X-Herald-Event-Type"] = intent.event_type
-    msg.set_content(intent.body_text, cte="quoted-printable")
-    if intent.body_html:
-        msg.add_alternative(intent.body_html, subtype="html", cte="quoted-printable")
-    return sender_addr, recipient, msg.as_bytes()
+    head = b"".join(
+        (
+            from_header,
+            _header("To", recipient, _PLAIN_ADDRESS),
+            _header("Subject", subject),
+            _header("Date", format_datetime(intent.created_at), _PLAIN_DATE),
+            _header(
+                "Message-ID",
+                f"<{intent.idempotency_key}@{message_id_domain}>",
+                _PLAIN_MESSAGE_ID,
+            ),
+            _header("X-Herald-Notification-Id", intent.notification_id),
+            _header("X-Herald-Event-Type", intent.event_type),
+        )
+    )
+    text = _quoted_printable(intent.body_text)
+    if not intent.body_html:
+        return sender_addr, recipient, head + _TEXT_PART + b"MIME-Version: 1.0\r\n\r\n" + text
+    html = _quoted_printable(intent.body_html)
+    # Quoted-printable escapes every "=", so no body line can look like this boundary.
+    token = random.randrange(sys.maxsize)  # noqa: S311 - a MIME boundary, as email.generator
+    b = f"==============={token:0{_BOUNDARY_DIGITS}d}==".encode("ascii")
+    return (
+        sender_addr,
+        recipient,
+        b"".join(
+            (
+                head,
+                b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative;\r\n",
+                b' boundary="' + b + b'"\r\n\r\n--' + b + b"\r\n",
+                _TEXT_PART + b"\r\n" + text,
+                b"\r\n--" + b + b"\r\n",
+                _HTML_PART + b"\r\n" + html,
+                b"\r\n--" + b + b"--\r\n",
+            )
+        ),
+    )
 
 
 class EmailConnector(Connector):
