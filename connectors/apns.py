@@ -34,7 +34,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -43,6 +42,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
+from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -276,16 +276,4 @@ def _outcome(response: httpx.Response, sent_id: str | None) -> DeliveryResult:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return parse_retry_after(response.headers.get("retry-after"))

@@ -30,8 +30,6 @@ no provider message id.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, NamedTuple, Self
 
 import httpx
@@ -39,6 +37,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
+from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -232,16 +231,4 @@ def _outcome(response: httpx.Response, encoding: SmsEncoding) -> DeliveryResult:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP-date (RFC 9110 10.2.3)."""
-    value = response.headers.get("retry-after", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return parse_retry_after(response.headers.get("retry-after"))

@@ -38,14 +38,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import math
 import socket
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,6 +50,7 @@ import httpcore
 import httpx
 
 from connectors.base import DeliveryResult
+from connectors.http import parse_retry_after
 
 __all__ = [
     "AddressGuard",
@@ -369,27 +367,6 @@ def guarded_client(
 
 
 # -- posting through the guard --------------------------------------------------------------------
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date (RFC 9110
-    10.2.3). None when absent or unreadable; a date in the past gives 0."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return seconds if math.isfinite(seconds) and seconds >= 0 else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 @dataclass(frozen=True)

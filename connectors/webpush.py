@@ -58,8 +58,6 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, Self
 from urllib.parse import urlsplit
@@ -69,6 +67,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
+from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -490,19 +489,7 @@ def _redact(text: str, token: str) -> str:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP-date (RFC 9110 section 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return parse_retry_after(value)
 
 
 def _outcome(response: httpx.Response, token: str) -> DeliveryResult:
