@@ -234,3 +234,72 @@ def test_circuit_breaker_holds_deliveries_during_an_outage(pipeline: Pipeline) -
         pipeline.settings.kafka_bootstrap_servers, pipeline.topics.notifications_dlq("email")
     )
     assert dead == []
+
+
+def test_poison_intents_are_dead_lettered_and_the_partition_keeps_flowing(
+    pipeline: Pipeline,
+) -> None:
+    from pipeline.records import NOTIFICATION_INTENT, NotificationIntent
+
+    serde = pipeline.publisher.serde
+    topic = pipeline.topics.notifications("email")
+
+    def intent(recipient: str, subject: str = "Hello") -> bytes:
+        record = NotificationIntent(
+            notification_id=str(uuid.uuid4()),
+            event_id=str(uuid.uuid4()),
+            event_type="user-registered",
+            rule="welcome-email",
+            channel="email",
+            recipient=recipient,
+            subject=subject,
+            body_text="hi",
+        )
+        return serde.encode(NOTIFICATION_INTENT, record.to_avro())[0]
+
+    poison = {
+        "UnknownFramingError": b"\x01\x02 not avro",
+        "MalformedRecordError": intent("ok@example.com")[:-5],
+        "RecordTooLargeError": b"\xc3\x01" + b"\x00" * (pipeline.settings.max_record_bytes + 1),
+        "InvalidAddressError": intent("not an address"),
+        "InvalidAddressError/subject": intent("crlf@example.com", "Hi\r\nBcc: victim@example.com"),
+        "UnexpectedSchemaError": serde.encode(
+            "herald.events.UserRegistered",
+            pipeline.publisher.build("user-registered", pipeline.user("x"))[1],
+        )[0],
+    }
+    producer = pipeline.publisher._producer
+    where: dict[str, tuple[int, int]] = {}
+    for name, value in poison.items():
+        producer.produce(
+            topic,
+            value,
+            b"same-key",
+            on_delivery=lambda err, msg, name=name: where.__setitem__(
+                name, (msg.partition(), msg.offset())
+            ),
+        )
+    marker = pipeline.user("after-poison")
+    marker_bytes = intent(marker["email"])
+    producer.produce(topic, marker_bytes, b"same-key")
+    producer.flush(10)
+    assert len({p for p, _ in where.values()}) == 1  # one partition, marker last
+
+    assert pipeline.smtp.wait_for(1, marker["email"], timeout=WAIT), pipeline.sink.tail()
+    dead = {
+        (d[h.ORIGINAL_PARTITION], d[h.ORIGINAL_OFFSET]): d
+        for d in (
+            h.as_dict(m.headers())
+            for m in read_all(
+                pipeline.settings.kafka_bootstrap_servers,
+                pipeline.topics.notifications_dlq("email"),
+            )
+        )
+    }
+    for name, (partition, offset) in where.items():
+        d = dead.get((str(partition), str(offset)))
+        assert d is not None, f"{name} not dead-lettered: {sorted(dead)}"
+        assert d[h.ORIGINAL_TOPIC] == topic
+        assert d[h.ERROR_CLASS] == name.split("/")[0], (name, d)
+        assert "\r" not in d[h.ERROR_MESSAGE] and "\n" not in d[h.ERROR_MESSAGE]
+    assert pipeline.smtp.to("crlf@example.com") == []
