@@ -146,6 +146,7 @@ class AvroSerde:
         self.max_record_bytes = max_record_bytes
         self._ids: dict[str, int] = {}  # full name -> registry id of our newest version
         self._by_id: dict[int, tuple[Schema, Any]] = {}  # registry id -> (reader, writer)
+        self._marked: dict[bytes, Any] = {}  # fingerprint -> fastavro form with its marker
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -155,10 +156,11 @@ class AvroSerde:
         # catches an exception for every union branch a value does not take (each
         # ["null", "string"] holding a string), which made validation ~6x slower. Only an
         # invalid record is validated again, to name its fields.
-        if fastavro.validation.validate(record, schema.parsed, raise_errors=False):
+        parsed = self._fastavro(schema)
+        if fastavro.validation.validate(record, parsed, raise_errors=False):
             return schema
         try:
-            fastavro.validation.validate(record, schema.parsed, raise_errors=True)
+            fastavro.validation.validate(record, parsed, raise_errors=True)
         except _FastavroValidationError as e:
             raise RecordValidationError(
                 full_name, _problems(e, full_name, schema.definition)
@@ -179,8 +181,19 @@ class AvroSerde:
             buf.write(CONFLUENT_MAGIC)
             buf.write(struct.pack(">I", schema_id))
             ref = f"{full_name}@registry:{schema_id}"
-        fastavro.schemaless_writer(buf, schema.parsed, record)
+        fastavro.schemaless_writer(buf, self._fastavro(schema), record)
         return buf.getvalue(), ref
+
+    def _fastavro(self, schema: Schema) -> Any:
+        """``schema`` as fastavro parses it for itself, with the marker that tells fastavro
+        it is parsed already. Schema.parsed is kept without it, and fastavro parsed it again
+        on every validate, write and read (~20 us each). The same schema always gives the
+        same object, so reading a record written with the newest version skips schema
+        resolution (fastavro compares writer and reader schema)."""
+        marked = self._marked.get(schema.fingerprint)
+        if marked is None:
+            marked = self._marked[schema.fingerprint] = fastavro.parse_schema(schema.definition)
+        return marked
 
     def _registry_id(self, schema: Schema) -> int:
         if schema.full_name not in self._ids:
@@ -226,7 +239,7 @@ class AvroSerde:
                     **where,
                 )
             reader = self.schemas.latest(writer.full_name)
-            writer_parsed, body, ref = writer.parsed, 10, f"{writer.full_name}@{fp.hex()}"
+            writer_parsed, body, ref = self._fastavro(writer), 10, f"{writer.full_name}@{fp.hex()}"
         elif data.startswith(CONFLUENT_MAGIC):
             if len(data) < 5:
                 raise MalformedRecordError("truncated Confluent wire-format header", **where)
@@ -244,7 +257,7 @@ class AvroSerde:
         buf = io.BytesIO(data)
         buf.seek(body)
         try:
-            record = fastavro.schemaless_reader(buf, writer_parsed, reader.parsed)
+            record = fastavro.schemaless_reader(buf, writer_parsed, self._fastavro(reader))
         except Exception as e:  # fastavro raises EOFError, ValueError, IndexError, ...
             raise MalformedRecordError(
                 f"corrupt or truncated Avro datum ({type(e).__name__}: {e})",
@@ -275,7 +288,7 @@ class AvroSerde:
                 f"schema id {schema_id} not found in the registry ({e})", **where
             ) from None
         definition = json.loads(registered.schema_str)
-        writer_parsed: Any = fastavro.parse_schema(definition, _write_hint=False)
+        writer_parsed: Any = fastavro.parse_schema(definition)  # with the marker: see _fastavro
         name = str(writer_parsed["name"])
         try:
             reader = self.schemas.latest(name)
