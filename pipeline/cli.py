@@ -6,6 +6,7 @@ herald topics ensure                        create Herald's topics
 herald publish EVENT_TYPE --data JSON       validate and publish one domain event
 herald run router | sink CHANNEL... | all   the pipeline's processes
 herald tail TOPIC                           decoded records as JSON lines
+herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
 herald connectors list                      installed channels and their settings
 herald demo                                 the end-to-end sample flow
 """
@@ -20,6 +21,8 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 from pipeline.settings import HeraldSettings
 
@@ -188,6 +191,62 @@ def cmd_tail(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from pipeline.replay import (
+        ReplayError,
+        ReplayOptions,
+        parse_duration,
+        parse_time,
+        print_progress,
+        replay,
+    )
+    from pipeline.serialization import serde_from_settings
+    from pipeline.sink.ledger import LedgerError, open_ledger
+
+    try:
+        from_time = parse_time(args.from_time) if args.from_time else None
+        if args.since:
+            from_time = datetime.now(UTC) - parse_duration(args.since)
+        options = ReplayOptions(
+            source=args.topic,
+            to=args.to,
+            from_offset=args.from_offset,
+            from_time=from_time,
+            until_time=parse_time(args.until_time) if args.until_time else None,
+            event_type=args.event_type,
+            event_id=args.event_id,
+            notification_id=args.notification_id,
+            recipient=args.recipient,
+            force=args.force,
+            dry_run=args.dry_run,
+            rate=args.rate,
+            checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+            resume=args.resume,
+        )
+        ledger = None
+        if not args.no_ledger:
+            try:
+                ledger = open_ledger(settings.ledger_url.get_secret_value())
+            except LedgerError as e:
+                print(f"herald replay: ledger unavailable ({e}); use --no-ledger", file=sys.stderr)
+                return 1
+        stats = replay(
+            settings,
+            options,
+            serde_from_settings(settings),
+            ledger,
+            print_progress if sys.stderr.isatty() else None,
+        )
+    except ReplayError as e:
+        print(f"herald replay: {e}", file=sys.stderr)
+        return 2
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    verb = "would write" if args.dry_run else "replayed"
+    print(f"{verb}: {stats.line()}")
+    return 0
+
+
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     import textwrap
 
@@ -241,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--max", type=int, default=None, help="stop after N records")
     tl.add_argument("--idle-timeout", type=float, default=None, help="stop after S idle seconds")
     tl.set_defaults(func=cmd_tail)
+
+    rp = sub.add_parser("replay", help="write a topic's records again, for redelivery")
+    rp.add_argument("topic", help="source topic: events, notifications or a dead-letter topic")
+    rp.add_argument(
+        "--to", help="destination (default: a dead letter's original topic, else the source)"
+    )
+    start = rp.add_mutually_exclusive_group()
+    start.add_argument("--from-offset", type=int, help="start at this offset in every partition")
+    start.add_argument("--from-time", help="start at the first record at or after (ISO-8601)")
+    start.add_argument("--since", help="start this long ago, e.g. 90m, 2h, 1d")
+    rp.add_argument("--until-time", help="stop at records after this time (ISO-8601)")
+    rp.add_argument("--event-type")
+    rp.add_argument("--event-id")
+    rp.add_argument("--notification-id")
+    rp.add_argument("--recipient")
+    rp.add_argument(
+        "--force",
+        action="store_true",
+        help="redeliver even what was sent, as a new generation (new idempotency key)",
+    )
+    rp.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    rp.add_argument("--rate", type=float, help="at most this many records per second")
+    rp.add_argument("--checkpoint", help="save progress to this file")
+    rp.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    rp.add_argument(
+        "--no-ledger", action="store_true", help="do not consult the ledger (the sink still does)"
+    )
+    rp.set_defaults(func=cmd_replay)
 
     c = sub.add_parser("connectors", help="installed channels")
     c.add_argument("action", choices=["list"])
