@@ -130,6 +130,13 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    if args.component == "api":
+        from aiohttp import web
+
+        from pipeline.api import create_api
+
+        web.run_app(create_api(settings), host=settings.api_host, port=settings.api_port)
+        return 0
     if args.component == "sink":
         from pipeline.sink.service import run_sinks
 
@@ -290,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=cmd_publish)
 
     r = sub.add_parser("run", help="run the router, sinks, or both")
-    r.add_argument("component", choices=["router", "sink", "all"])
+    r.add_argument("component", choices=["router", "sink", "all", "api"])
     r.add_argument("channels", nargs="*", help="channels for sink/all (default: email)")
     r.set_defaults(func=cmd_run)
 

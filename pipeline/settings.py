@@ -79,6 +79,11 @@ class HeraldSettings(BaseSettings):
     breaker_open_ms: int = 5_000  # first pause; doubles while probes fail
     breaker_open_max_ms: int = 60_000
 
+    # HTTP API (herald run api)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_token: SecretStr | None = None  # when set, /v1 requests need "Bearer <token>"
+
     # Email
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
