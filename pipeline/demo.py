@@ -63,6 +63,8 @@ def run_demo(base: HeraldSettings) -> int:
     home = project_root() / ".herald" / "demo"
     shutil.rmtree(home / "kafka" / "data", ignore_errors=True)
     shutil.rmtree(home / "router", ignore_errors=True)
+    for leftover in home.glob("ledger.db*"):
+        leftover.unlink()
     kafka = LocalKafka(home / "kafka", port=19092, controller_port=19093)
     kafka.lib.mkdir(parents=True, exist_ok=True)
     # Share the provisioned jars instead of copying them.
@@ -93,6 +95,7 @@ def run_demo(base: HeraldSettings) -> int:
                 "HERALD_SMTP_PORT": str(smtp.port),
                 "HERALD_SMTP_SECURITY": "none",
                 "HERALD_ROUTER_DATA_DIR": str(home / "router"),
+                "HERALD_LEDGER_URL": f"sqlite:///{home / 'ledger.db'}",
                 "HERALD_TOPIC_PREFIX": settings.topic_prefix,
             }
             log_path = home / "herald-run-all.log"

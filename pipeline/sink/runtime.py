@@ -265,7 +265,24 @@ class SinkWorker:
         }
         for p in partitions:
             key = (p.topic, p.partition)
-            candidates = [o for o in (ledger_offsets.get(key), committed.get(key)) if o is not None]
+            from_ledger = ledger_offsets.get(key)
+            if from_ledger is not None:
+                _, end = consumer.get_watermark_offsets(p, timeout=30, cached=False)
+                if from_ledger > end:
+                    # The topic was deleted and created again (or the ledger belongs to
+                    # another cluster): its offset would skip new records. Read from the
+                    # start; the ledger still skips every notification it has as done.
+                    log.warning(
+                        "%s sink: ledger offset %d is past the end (%d) of %s[%d]; "
+                        "ignoring it (topic recreated?)",
+                        self.channel,
+                        from_ledger,
+                        end,
+                        p.topic,
+                        p.partition,
+                    )
+                    from_ledger = None
+            candidates = [o for o in (from_ledger, committed.get(key)) if o is not None]
             if candidates:
                 p.offset = min(candidates)
         log.info("%s sink assigned %s", self.channel, _describe(partitions))

@@ -304,3 +304,27 @@ def test_poison_intents_are_dead_lettered_and_the_partition_keeps_flowing(
         assert d[h.ERROR_CLASS] == name.split("/")[0], (name, d)
         assert "\r" not in d[h.ERROR_MESSAGE] and "\n" not in d[h.ERROR_MESSAGE]
     assert pipeline.smtp.to("crlf@example.com") == []
+
+
+def test_a_recreated_topic_is_read_from_its_start(pipeline: Pipeline) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    first = [pipeline.user(f"before{i}") for i in range(4)]
+    for u in first:
+        pipeline.wait_status(pipeline.welcome(u), DeliveryState.SENT)
+    assert pipeline.sink.stop() == 0
+    topic = pipeline.topics.notifications("email")
+    admin = AdminClient(pipeline.settings.admin_config())
+    admin.delete_topics([topic], operation_timeout=30)[topic].result()
+    deadline = time.monotonic() + WAIT
+    while topic in admin.list_topics(timeout=10).topics:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    ensure_topics(pipeline.settings)  # empty again: the ledger's offsets are past its end
+    pipeline.sink.start()
+    # New events for the same recipients: their intents land in exactly the partitions
+    # whose ledger offsets are now past the end.
+    for u in first:
+        pipeline.wait_status(pipeline.welcome(u), DeliveryState.SENT)
+        assert len(pipeline.smtp.to(u["email"])) == 2
+    assert "ignoring it (topic recreated?)" in pipeline.sink.tail(400)
