@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres chaos clean
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres chaos bench clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,24 @@ EVENTS ?= 100000
 CLUSTER ?= 1
 chaos: install kafka-jars
 	$(BIN)/python -m bench.chaos --events $(EVENTS) --cluster $(CLUSTER)
+
+# Throughput, latency, memory and scaling on a local broker, nginx and smtp-sink; prints a
+# table and one RESULT line (bench/README.md). About 20 minutes; installs nginx, wrk, postfix
+# (for smtp-sink, no MTA left running) and py-spy when missing.
+#   make bench                                  the full run
+#   make bench BENCH_QUICK=1                    small sizes, a few minutes
+#   make bench BENCH_EVENTS=20000 BENCH_BACKLOG=200000
+# BENCH_EVENTS: records per row (default 50000, quick 5000); BENCH_BACKLOG: the memory row's
+# large backlog (default 1000000, quick 50000); BENCH_ARGS: more options (--help).
+BENCH_EVENTS ?=
+BENCH_BACKLOG ?=
+BENCH_QUICK ?=
+BENCH_ARGS ?=
+bench: install kafka-jars
+	bash scripts/ensure-bench-tools.sh
+	$(BIN)/python -m bench.bench $(if $(BENCH_QUICK),--quick) \
+	    $(if $(BENCH_EVENTS),--events $(BENCH_EVENTS)) \
+	    $(if $(BENCH_BACKLOG),--backlog $(BENCH_BACKLOG)) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .herald *.egg-info .pytest_cache .mypy_cache .ruff_cache

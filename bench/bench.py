@@ -1,0 +1,914 @@
+"""Throughput, latency, memory and scaling of Herald on a real local broker (`make bench`).
+
+    python -m bench.bench                       # the full run (about 15-20 minutes)
+    python -m bench.bench --quick               # small sizes, a few minutes
+    python -m bench.bench --events 20000 --backlog 200000
+
+Each figure is a ratio of two contenders measured side by side in one run, on one machine,
+against the same receiver: Herald against a bare loop doing only the transport work, and
+against a naive sink (see bench/README.md for the method). The harness starts its own
+broker (Maven jars, temp dir, free loopback ports), nginx and smtp-sink, runs Herald as the
+commands an operator runs (`herald run router`, `herald run sink CHANNEL`), prints a table
+and ends with one line:
+
+    RESULT router_ratio=... webhook_ratio=... webhook_speedup=... email_ratio=...
+           email_speedup=... p50_ms=... p95_ms=... p99_ms=... rss_growth=... scale_2=...
+           scale_4=... ...                                                   (one line)
+
+Everything stops by itself: every wait is bounded by a count, a stall timeout and a limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.chaos import Proc, env_for
+from bench.profiling import Profile, pyspy
+from bench.profiling import record as pyspy_record
+from bench.receivers import Nginx, SmtpSink, free_port, wrk_rate
+from bench.workload import (
+    TopicCounter,
+    event_records,
+    intent,
+    intent_records,
+    produce_all,
+    steady_rate,
+    steady_window,
+    wait_count,
+)
+from pipeline.kafka.admin import ensure_topics
+from pipeline.kafka.local import LocalKafka
+from pipeline.records import notification_id
+from pipeline.settings import HeraldSettings, project_root
+from pipeline.topics import Topics
+
+MESSAGE_ID_DOMAIN = "herald.localhost"
+# A signing secret for the benchmark's webhooks (32 bytes of zeros, base64): not a secret.
+WEBHOOK_SECRETS = '{"default": ["whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="]}'
+
+
+def say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+@dataclass
+class Row:
+    section: str
+    label: str
+    value: float | None
+    unit: str
+    note: str = ""
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    result: dict[str, str] = field(default_factory=dict)
+    profiles: list[Profile] = field(default_factory=list)
+
+    def add(self, section: str, label: str, value: float | None, unit: str, note: str = "") -> None:
+        self.rows.append(Row(section, label, value, unit, note))
+        shown = "n/a" if value is None else f"{value:,.{2 if unit == 'x' else 1}f} {unit}"
+        say(f"{section}: {label}: {shown} {note}".rstrip())
+
+    def put(self, key: str, value: float | None, digits: int = 2) -> None:
+        self.result[key] = "na" if value is None else f"{value:.{digits}f}"
+
+    def table(self) -> str:
+        width = max(len(r.label) for r in self.rows) if self.rows else 10
+        out, section = [], None
+        for r in self.rows:
+            if r.section != section:
+                section = r.section
+                out.append(f"\n{section}")
+            digits = 2 if r.unit == "x" else 1
+            value = "n/a" if r.value is None else f"{r.value:>12,.{digits}f} {r.unit}"
+            out.append(f"  {r.label:<{width}}  {value:<22} {r.note}".rstrip())
+        return "\n".join(out)
+
+    def result_line(self) -> str:
+        return "RESULT " + " ".join(f"{k}={v}" for k, v in self.result.items())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in KiB."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                out[name] = int(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    import confluent_kafka
+
+    return {
+        "cpus": str(os.cpu_count()),
+        "model": model,
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "librdkafka": confluent_kafka.libversion()[0],
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="herald-bench-"))
+        self.results = Results()
+        self.kafka: LocalKafka | None = None
+        self.bootstrap = ""
+        self._cleanup: list[Callable[[], object]] = []
+        self.cpu: float | None = None
+        self.webhook_url: str | None = None
+        # Faust settings for the router's environment (e.g. PRODUCER_LINGER=0.005).
+        self.router_env = dict(kv.split("=", 1) for kv in args.router_env)
+        self.email_settings: HeraldSettings | None = None
+        self.email_smtp: SmtpSink | None = None
+        self.email_rate: float | None = None
+        self.webhook_argv: list[str] = []
+
+    # -- infrastructure ----------------------------------------------------------------------
+
+    def settings(self, prefix: str, **extra: Any) -> HeraldSettings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": self.bootstrap,
+            "topic_prefix": prefix,
+            "topic_partitions": self.args.partitions,
+            "router_data_dir": self.work / "router",
+            "ledger_url": f"sqlite:///{self.work / 'ledger' / f'{prefix}db'}",
+            "message_id_domain": MESSAGE_ID_DOMAIN,
+        }
+        values.update(extra)
+        return HeraldSettings(**values)
+
+    def env(self, settings: HeraldSettings, **extra: str) -> dict[str, str]:
+        env = env_for(settings)
+        env.update(
+            {
+                "HERALD_WEBHOOK_SECRETS": WEBHOOK_SECRETS,
+                "HERALD_WEBHOOK_ALLOW_HOSTS": "127.0.0.0/8",
+                "HERALD_WEBHOOK_MAX_CONNECTIONS": str(self.args.webhook_connections),
+                "PYTHONDONTWRITEBYTECODE": "1",
+            }
+        )
+        env.update(extra)
+        return env
+
+    def start_broker(self) -> None:
+        home = self.work / "kafka"
+        (home / "lib").mkdir(parents=True)
+        lib = project_root() / ".herald" / "kafka" / "lib"
+        for jar in lib.glob("*.jar"):
+            (home / "lib" / jar.name).symlink_to(jar)
+        self.kafka = LocalKafka(home, port=free_port(), controller_port=free_port(), heap="1g")
+        seconds = self.kafka.start()
+        self.bootstrap = self.kafka.bootstrap_servers
+        self._cleanup.append(self.kafka.stop)
+        say(f"Kafka {self.kafka.version()} ready on {self.bootstrap} in {seconds:.1f}s")
+
+    def herald(self, *args: str) -> list[str]:
+        """The Python arguments of a ``herald`` command: this checkout's, or with
+        ``--herald-root`` another checkout's pipeline/ and connectors/ (say, the commit
+        before an optimization), to compare two versions side by side in one run."""
+        root = self.args.herald_root
+        if root is None:
+            return ["-m", "pipeline.cli", *args]
+        boot = (
+            f"import runpy, sys; sys.path.insert(0, {str(root)!r}); "
+            "runpy.run_module('pipeline.cli', run_name='__main__', alter_sys=True)"
+        )
+        return ["-c", boot, *args]
+
+    def counter(self, topic: str) -> TopicCounter:
+        c = TopicCounter(self.bootstrap, topic)
+        self._cleanup.append(c.close)
+        return c
+
+    def proc(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        p = Proc(name, argv, env, self.work)
+        p.start()
+        self._cleanup.append(p.stop)
+        return p
+
+    def baseline(self, name: str, loop: str, args: list[str], env: dict[str, str]) -> Proc:
+        return self.proc(name, ["-m", "bench.baselines", loop, *args], env)
+
+    def finish(self, p: Proc, timeout: float = 60) -> None:
+        """Wait for a process that stops by itself; kill it past ``timeout``."""
+        if p.proc is None:
+            return
+        try:
+            p.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.stop()
+        if p.proc.returncode:
+            say(f"{p.name} exited with code {p.proc.returncode}; log {p.log}")
+
+    def measure(
+        self,
+        counter: Callable[[], int],
+        target: int,
+        procs: list[Proc],
+        *,
+        stall_s: float = 60,
+    ) -> float:
+        """Steady rate at ``counter`` while ``procs`` work towards ``target``. Leaves the
+        CPU the processes used over the same window, in cores, in ``self.cpu``."""
+        pids = [p.proc.pid for p in procs if p.proc is not None]
+        cpu: list[tuple[float, float]] = []
+
+        def check() -> None:
+            for p in procs:
+                if p.proc is not None and p.proc.poll() not in (None, 0):
+                    raise RuntimeError(f"{p.name} exited with {p.proc.returncode}; see {p.log}")
+            cpu.append((time.monotonic(), sum(cpu_seconds(pid) for pid in pids)))
+
+        samples = wait_count(
+            counter, target, stall_s=stall_s, limit_s=self.args.row_seconds, on_sample=check
+        )
+        got = samples[-1][1] - samples[0][1]
+        if got < target:
+            say(f"{got} of {target} arrived within the time limit; rate over those")
+        window = steady_window(samples, target)
+        self.cpu = None
+        if window is not None and cpu:
+            (t0, _), (t1, _) = window
+            c0 = min(cpu, key=lambda s: abs(s[0] - t0))
+            c1 = min(cpu, key=lambda s: abs(s[0] - t1))
+            if c1[0] > c0[0]:
+                self.cpu = (c1[1] - c0[1]) / (c1[0] - c0[0])
+        return steady_rate(samples, target)
+
+    def cpu_note(self) -> str:
+        return "" if self.cpu is None else f"(CPU {self.cpu:.2f} cores)"
+
+    # -- 1. router ---------------------------------------------------------------------------
+
+    def router(self) -> None:
+        n = self.args.events
+        s = self.settings(
+            "r.", router_app_id="bench-router", topic_partitions=self.args.router_partitions
+        )
+        ensure_topics(s)
+        say(f"router: preloading {n} events")
+        produce_all(s, event_records(s, "r", 0, n))
+        env = self.env(s)
+        topics = [f"{s.topic_prefix}events.user", f"{s.topic_prefix}events.order"]
+
+        bare_out = "r.bench.bare-out"
+        ensure_topics(s, [bare_out])
+        counter = self.counter(bare_out)
+        p = self.baseline(
+            "bare-kafka-loop",
+            "kafka-loop",
+            [
+                *("--bootstrap", self.bootstrap, "--source", *topics, "--dest", bare_out),
+                *("--group", "bench-bare", "--count", str(n), "--seconds", "600"),
+            ],
+            env,
+        )
+        bare = self.measure(counter, n, [p])
+        counter.close()
+        self.finish(p)
+        self.results.add(
+            "router", "bare aiokafka consume->produce loop", bare, "events/s", self.cpu_note()
+        )
+
+        counter = self.counter(Topics(s.topic_prefix).notifications("email"))
+        p = self.proc("router", self.herald("run", "router"), env | self.router_env)
+        herald = self.measure(counter, n, [p])
+        counter.close()
+        p.stop()
+        self.results.add(
+            "router",
+            "Herald router (Faust, rules, templates, exactly_once)",
+            herald,
+            "events/s",
+            self.cpu_note(),
+        )
+        self.results.add("router", "router_ratio", ratio(herald, bare), "x")
+        self.results.put("router_ratio", ratio(herald, bare))
+        self.results.put("router_eps", herald, 0)
+        self.results.put("bare_kafka_eps", bare, 0)
+
+    # -- 2. email ----------------------------------------------------------------------------
+
+    def email(self) -> None:
+        n = self.args.events
+        s = self.settings("s.")
+        ensure_topics(s)
+        say(f"email: preloading {n} intents")
+        produce_all(s, intent_records(s, "s", n, "email"))
+        smtp = SmtpSink(self.work / "smtp-sink").start()
+        self._cleanup.append(smtp.stop)
+        s = s.model_copy(update={"smtp_port": smtp.port})
+        env = self.env(s)
+        conns = s.smtp_connections
+
+        start = smtp()
+        p = self.baseline(
+            "bare-smtp-loop",
+            "smtp-loop",
+            [
+                "--run",
+                "s",
+                "--count",
+                str(n),
+                "--concurrency",
+                str(conns),
+                "--port",
+                str(smtp.port),
+            ],
+            env,
+        )
+        bare = self.measure(lambda: smtp() - start, n, [p])
+        self.finish(p)
+        self.results.add(
+            "email", f"bare aiosmtplib loop, {conns} connections", bare, "msg/s", self.cpu_note()
+        )
+
+        herald = self.run_sinks("email", s, smtp, n, processes=1)
+        self.results.add(
+            "email",
+            f"Herald email sink ({conns} SMTP connections)",
+            herald,
+            "msg/s",
+            self.cpu_note(),
+        )
+
+        naive_n = min(n, self.args.naive_count)
+        start = smtp()
+        p = self.baseline(
+            "naive-smtp",
+            "naive-smtp",
+            [
+                *("--topic", Topics(s.topic_prefix).notifications("email")),
+                *("--group", "bench-naive-email", "--port", str(smtp.port)),
+                *("--count", str(naive_n), "--seconds", str(self.args.naive_seconds)),
+            ],
+            env,
+        )
+        naive = self.measure(lambda: smtp() - start, naive_n, [p], stall_s=30)
+        self.finish(p, self.args.naive_seconds + 60)
+        self.results.add(
+            "email", "naive sink: smtplib, commit per message", naive, "msg/s", self.cpu_note()
+        )
+        self.results.add("email", "email_ratio (Herald / bare)", ratio(herald, bare), "x")
+        self.results.add("email", "email_speedup (Herald / naive)", ratio(herald, naive), "x")
+        self.results.put("email_ratio", ratio(herald, bare))
+        self.results.put("email_speedup", ratio(herald, naive), 1)
+        self.results.put("email_mps", herald, 0)
+        self.email_settings, self.email_smtp = s, smtp
+        self.email_rate = herald
+
+    def run_sinks(
+        self,
+        channel: str,
+        s: HeraldSettings,
+        counter: Callable[[], int],
+        n: int,
+        *,
+        processes: int,
+        tag: str = "",
+        argv: list[str] | None = None,
+    ) -> float:
+        """Start ``processes`` sinks in one fresh group with a fresh ledger, measure their
+        delivery rate at the receiver over ``n`` intents, stop them."""
+        name = f"{channel}{tag}-{processes}"
+        s = s.model_copy(
+            update={
+                "sink_group_prefix": f"bench-{name}",
+                "ledger_url": f"sqlite:///{self.work / 'ledger' / f'{name}.db'}",
+            }
+        )
+        env = self.env(s)
+        start = counter()
+        procs = [
+            self.proc(
+                f"sink-{name}-{i}",
+                argv or self.herald("run", "sink", channel),
+                {**env, "HERALD_SINK_INSTANCE_ID": f"bench-{name}-{i}"},
+            )
+            for i in range(processes)
+        ]
+        rate = self.measure(lambda: counter() - start, n, procs)
+        for p in procs:
+            p.stop()
+        return rate
+
+    # -- 3. webhook --------------------------------------------------------------------------
+
+    def webhook(self) -> None:
+        try:
+            from connectors.webhook import WebhookConnector, payload
+        except ImportError:
+            say("webhook: connectors/webhook.py (WebhookConnector) is not there yet; skipped")
+            for key in ("webhook_ratio", "webhook_speedup"):
+                self.results.put(key, None)
+            return
+        from connectors.registry import load_connectors
+
+        n = self.args.events
+        nginx = Nginx(self.work / "nginx").start()
+        self._cleanup.append(nginx.stop)
+        s = self.settings("s.")
+        ensure_topics(s)
+        say(f"webhook: preloading {n} intents")
+        produce_all(s, intent_records(s, "w", n, "webhook", nginx.url))
+        env = self.env(s)
+        conns = self.args.webhook_connections
+
+        body = payload(intent("w", 0, "webhook", nginx.url))
+        wrk = wrk_rate(nginx.url + "/hooks/0", body, connections=conns, seconds=5, work=self.work)
+        self.results.add("webhook", f"wrk, {conns} connections (reference)", wrk, "req/s")
+
+        start = nginx()
+        p = self.baseline(
+            "bare-http-loop",
+            "http-loop",
+            [
+                *("--run", "w", "--count", str(n), "--concurrency", str(conns)),
+                *("--channel", "webhook", "--url-base", nginx.url),
+            ],
+            env,
+        )
+        bare = self.measure(lambda: nginx() - start, n, [p])
+        self.finish(p)
+        self.results.add(
+            "webhook", f"bare aiohttp loop, {conns} concurrent", bare, "req/s", self.cpu_note()
+        )
+
+        argv = self.herald("run", "sink", "webhook")
+        if "webhook" not in load_connectors():  # written but not registered (pip install -e)
+            argv = ["-m", "bench.sinkrun", f"{WebhookConnector.__module__}:WebhookConnector"]
+        self.webhook_url = nginx.url
+        self.webhook_argv = argv
+        herald = self.run_sinks("webhook", s, nginx, n, processes=1, argv=argv)
+        self.results.add(
+            "webhook",
+            f"Herald webhook sink (max {conns} connections)",
+            herald,
+            "req/s",
+            self.cpu_note(),
+        )
+
+        naive_n = min(n, self.args.naive_count)
+        start = nginx()
+        p = self.baseline(
+            "naive-http",
+            "naive-http",
+            [
+                *("--topic", Topics(s.topic_prefix).notifications("webhook")),
+                *("--group", "bench-naive-webhook"),
+                *("--count", str(naive_n), "--seconds", str(self.args.naive_seconds)),
+            ],
+            env,
+        )
+        naive = self.measure(lambda: nginx() - start, naive_n, [p], stall_s=30)
+        self.finish(p, self.args.naive_seconds + 60)
+        self.results.add(
+            "webhook",
+            "naive sink: blocking POST, commit per message",
+            naive,
+            "req/s",
+            self.cpu_note(),
+        )
+        self.results.add("webhook", "webhook_ratio (Herald / bare)", ratio(herald, bare), "x")
+        self.results.add("webhook", "webhook_speedup (Herald / naive)", ratio(herald, naive), "x")
+        self.results.put("webhook_ratio", ratio(herald, bare))
+        self.results.put("webhook_speedup", ratio(herald, naive), 1)
+        self.results.put("webhook_rps", herald, 0)
+        self.results.put("wrk_rps", wrk, 0)
+
+    # -- 4. latency --------------------------------------------------------------------------
+
+    def latency(self, label: str, key: str, rate: int, **router_env: str) -> None:
+        seconds = self.args.latency_seconds
+        smtp = SmtpSink(self.work / f"smtp-latency-{key}", dump=True).start()
+        self._cleanup.append(smtp.stop)
+        self._cleanup.append(smtp.cleanup)
+        s = self.settings(
+            f"l{key}.",
+            smtp_port=smtp.port,
+            router_app_id=f"bench-latency-{key}",
+            processing_guarantee="exactly_once",
+            topic_partitions=self.args.router_partitions,
+        )
+        ensure_topics(s)
+        env = self.env(s)
+        procs = [
+            self.proc(
+                f"latency-{key}-router",
+                self.herald("run", "router"),
+                {**env, **router_env},
+            ),
+            self.proc(f"latency-{key}-sink", self.herald("run", "sink", "email"), env),
+        ]
+        from pipeline.publisher import Publisher
+
+        publisher = Publisher(s, producer_name="bench")
+        say(f"latency ({label}): waiting for the pipeline to deliver")
+        deadline = time.monotonic() + 120
+        while smtp() == 0 and time.monotonic() < deadline:
+            publisher.publish(
+                "user-registered",
+                {"user_id": "warm", "email": "warm@example.com", "display_name": "Warm"},
+            )
+            publisher.flush(5)
+            time.sleep(0.5)
+        time.sleep(3)
+        warm = smtp()
+        say(f"latency ({label}): {rate} events/s for {seconds}s")
+        sent: dict[str, float] = {}
+        total = int(rate * seconds)
+        pids = {p.name.rsplit("-", 1)[1]: p.proc.pid for p in procs if p.proc is not None}
+        cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        t0 = time.monotonic()
+        for i in range(total):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            email = f"user{i}@example.com"
+            at = time.time()
+            ev = publisher.publish(
+                "user-registered", {"user_id": f"u{i}", "email": email, "display_name": f"U {i}"}
+            )
+            nid = notification_id(ev.event_id, "welcome-email", "email", email)
+            sent[f"<{nid}@{MESSAGE_ID_DOMAIN}>"] = at
+            publisher.flush(0)  # serves delivery callbacks, does not wait
+        elapsed = time.monotonic() - t0
+        offered = total / elapsed
+        cpu = {name: (cpu_seconds(pid) - cpu0[name]) / elapsed for name, pid in pids.items()}
+        publisher.flush(30)
+        wait_count(lambda: smtp() - warm, total, stall_s=15, limit_s=120)
+        for p in procs:
+            p.stop()
+        smtp.stop()
+        received = {mid: at for mid, at in smtp.received() if mid in sent}
+        in_order = [(received[m] - sent[m]) * 1000 for m in sent if m in received]
+        lat = sorted(in_order)
+        # A pipeline that keeps up has the same latency at the end as at the start; one
+        # that does not builds a queue, and the latency grows with it.
+        tenth = max(1, len(in_order) // 10)
+        first, last = sorted(in_order[:tenth]), sorted(in_order[-tenth:])
+        lost = total - len(lat)
+        p50, p95, p99 = (percentile(lat, q) if lat else None for q in (50, 95, 99))
+        self.results.add(
+            "latency",
+            f"{label}: offered",
+            offered,
+            "events/s",
+            f"({len(lat)} of {total} received; CPU "
+            + ", ".join(f"{name} {c:.2f}" for name, c in cpu.items())
+            + " cores)",
+        )
+        if lat:
+            self.results.add(
+                "latency",
+                f"{label}: p50 of the first / last tenth",
+                percentile(first, 50),
+                "ms",
+                f"/ {percentile(last, 50):,.0f} ms",
+            )
+        for q, v in (("p50", p50), ("p95", p95), ("p99", p99)):
+            self.results.add("latency", f"{label}: {q}", v, "ms")
+        suffix = "" if key == "a" else f"_{key}"
+        self.results.put(f"p50_ms{suffix}", p50, 0)
+        self.results.put(f"p95_ms{suffix}", p95, 0)
+        self.results.put(f"p99_ms{suffix}", p99, 0)
+        if lost:
+            self.results.put(f"latency_lost{suffix}", lost, 0)
+
+    # -- 5. memory ---------------------------------------------------------------------------
+
+    def memory(self) -> None:
+        """Peak RSS of the router and of the email sink while each works through its first
+        ``--memory-probe`` records, once with a backlog of that size and once with a
+        backlog of ``--backlog``: the same work, only the records waiting behind differ."""
+        probe = self.args.memory_probe
+        peaks: dict[tuple[str, int], int] = {}
+        smtp = SmtpSink(self.work / "smtp-memory").start()
+        self._cleanup.append(smtp.stop)
+        for size in (probe, self.args.backlog):
+            say(f"memory: preloading {size:,} events and {size:,} intents")
+            t = time.monotonic()
+            rs = self.settings(
+                f"mr{size}.",
+                router_app_id=f"bench-memory-{size}",
+                topic_partitions=self.args.router_partitions,
+            )
+            ss = self.settings(
+                f"ms{size}.", smtp_port=smtp.port, topic_partitions=self.args.router_partitions
+            )
+            ensure_topics(rs)
+            ensure_topics(ss)
+            produce_all(rs, event_records(rs, f"m{size}", 0, size))
+            produce_all(ss, intent_records(ss, f"m{size}", size, "email"))
+            say(f"memory: preloaded in {time.monotonic() - t:.0f}s")
+
+            out = self.counter(Topics(rs.topic_prefix).notifications("email"))
+            start = smtp()
+            for role, settings, argv, count in (
+                ("router", rs, self.herald("run", "router"), out),
+                (
+                    "sink",
+                    ss,
+                    self.herald("run", "sink", "email"),
+                    lambda st=start: smtp() - st,
+                ),
+            ):
+                p = self.proc(f"memory-{role}-{size}", argv, self.env(settings))
+                assert p.proc is not None
+                pid = p.proc.pid
+                wait_count(count, probe, stall_s=60, limit_s=600)
+                # Hold on a moment: buffers that fill while the probe's records flow.
+                time.sleep(self.args.memory_hold)
+                peak = rss_kib(pid).get("VmHWM", 0)
+                peaks[(role, size)] = peak
+                p.stop()
+                self.results.add("memory", f"{role} peak RSS, backlog {size:,}", peak / 1024, "MiB")
+            out.close()
+        growth = {
+            role: ratio(peaks[(role, self.args.backlog)], peaks[(role, probe)])
+            for role in ("router", "sink")
+        }
+        for role, g in growth.items():
+            self.results.add("memory", f"{role} RSS growth", g, "x")
+        worst = max((g for g in growth.values() if g is not None), default=None)
+        self.results.put("rss_growth", worst)
+        self.results.put("rss_growth_router", growth["router"])
+        self.results.put("rss_growth_sink", growth["sink"])
+
+    # -- 6. scale ----------------------------------------------------------------------------
+
+    def scale(self) -> None:
+        s, smtp = self.email_settings, self.email_smtp
+        assert s is not None and smtp is not None  # the email row ran (main() sees to it)
+        n = self.args.events
+        rates = {1: self.email_rate}
+        for k in (2, 4):
+            rates[k] = self.run_sinks("email", s, smtp, n, processes=k, tag="-scale")
+            self.results.add(
+                "scale",
+                f"email sink, {k} processes, one group",
+                rates[k],
+                "msg/s",
+                self.cpu_note(),
+            )
+        self.results.add("scale", "email sink, 1 process (from the email row)", rates[1], "msg/s")
+        for k in (2, 4):
+            self.results.add("scale", f"scale_{k}", ratio(rates[k], rates[1]), "x")
+            self.results.put(f"scale_{k}", ratio(rates[k], rates[1]))
+
+    # -- 7. profile --------------------------------------------------------------------------
+
+    def profile(self) -> None:
+        """Sample the router and each sink with py-spy while they work through a backlog
+        of their own (``--profile-events``, enough for the start-up wait plus the profile
+        time); separate from the measured runs, so sampling costs them nothing."""
+        if pyspy() is None:
+            say("profile: py-spy not installed; skipped")
+            return
+        seconds, n = self.args.profile_seconds, self.args.profile_events
+        out = self.work / "profiles"
+        out.mkdir()
+        rs = self.settings(
+            "pr.", router_app_id="bench-profile", topic_partitions=self.args.router_partitions
+        )
+        ss = self.settings("ps.", sink_group_prefix="bench-profile")
+        if self.email_smtp is not None:
+            ss = ss.model_copy(update={"smtp_port": self.email_smtp.port})
+        ensure_topics(rs)
+        ensure_topics(ss)
+        say(f"profile: preloading {n} events and {n} intents per sink")
+        runs: list[tuple[str, HeraldSettings, list[str], int]] = []
+        if "router" not in self.args.skip:
+            produce_all(rs, event_records(rs, "pr", 0, n))
+            runs.append(("router", rs, self.herald("run", "router"), 6))
+        if self.email_smtp is not None:
+            produce_all(ss, intent_records(ss, "pe", n, "email"))
+            runs.append(("email sink", ss, self.herald("run", "sink", "email"), 3))
+        if self.webhook_url is not None:
+            produce_all(ss, intent_records(ss, "pw", n, "webhook", self.webhook_url))
+            runs.append(("webhook sink", ss, self.webhook_argv, 3))
+        for name, settings, argv, warmup in runs:
+            p = self.proc(f"profile-{name.replace(' ', '-')}", argv, self.env(settings))
+            assert p.proc is not None
+            time.sleep(warmup)  # start-up (imports, joining the group) is not the hot path
+            raw = out / f"{name.replace(' ', '-')}.txt"
+            spy = pyspy_record(p.proc.pid, seconds, raw)
+            try:
+                spy.wait(seconds + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            p.stop()
+            prof = Profile.load(name, raw)
+            self.results.profiles.append(prof)
+            say(f"profile: {name}: {prof.samples} samples ({raw})")
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        a = self.args
+        m = machine()
+        say(f"work dir {self.work}")
+        say(
+            f"machine: {m['cpus']} CPUs, {m['model']}, {m['memory']}, Linux {m['kernel']}, "
+            f"Python {m['python']}, librdkafka {m['librdkafka']}, load {m['load']}"
+        )
+        say(
+            f"sizes: events={a.events} backlog={a.backlog} latency={a.latency_rate}/s x "
+            f"{a.latency_seconds}s partitions={a.partitions}"
+        )
+        started = time.monotonic()
+        try:
+            self.start_broker()
+            sections = {
+                "router": self.router,
+                "email": self.email,
+                "webhook": self.webhook,
+                "scale": self.scale,
+                "latency": self.latencies,
+                "memory": self.memory,
+                "profile": self.profile,
+            }
+            for name, section in sections.items():
+                if name in a.skip:
+                    continue
+                t = time.monotonic()
+                section()
+                say(f"{name} done in {time.monotonic() - t:.0f}s")
+        finally:
+            for stop in reversed(self._cleanup):
+                with contextlib.suppress(Exception):
+                    stop()
+        m_end = machine()
+        print("\n" + "=" * 78)
+        print(
+            f"Herald benchmark: Kafka {self.kafka.version() if self.kafka else '?'}, "
+            f"Python {m['python']}, librdkafka {m['librdkafka']}"
+        )
+        print(f"machine: {m['cpus']} x {m['model']}, {m['memory']}")
+        print(f"load average at start {m['load']}, at end {m_end['load']}")
+        print(
+            f"sizes: events={a.events} backlog={a.backlog} "
+            f"latency={a.latency_rate}/s x {a.latency_seconds}s partitions={a.partitions}; "
+            f"took {time.monotonic() - started:.0f}s"
+        )
+        print(self.results.table())
+        for prof in self.results.profiles:
+            print()
+            print(prof.summary())
+        print()
+        print(self.results.result_line(), flush=True)
+        if not a.keep:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return 0
+
+    def latencies(self) -> None:
+        a = self.args
+        self.latency(f"{a.latency_rate}/s, exactly_once, as configured", "a", a.latency_rate)
+        if a.floor_rate:
+            # Context: a load the machine keeps up with, and the router committing its
+            # transaction (making intents visible to the sink) every --commit-interval.
+            self.latency(
+                f"{a.floor_rate}/s, exactly_once, commit every {a.commit_interval}s",
+                "floor",
+                a.floor_rate,
+                BROKER_COMMIT_INTERVAL=str(a.commit_interval),
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.bench", description=__doc__.split("\n\n")[0])
+    env = os.environ.get
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes")
+    p.add_argument("--events", type=int, default=None, help="events and intents per row")
+    p.add_argument("--backlog", type=int, default=None, help="large backlog of the memory row")
+    p.add_argument("--memory-probe", type=int, default=10_000, help="small backlog")
+    p.add_argument("--memory-hold", type=float, default=3.0)
+    p.add_argument("--latency-rate", type=int, default=1000)
+    p.add_argument("--latency-seconds", type=float, default=None)
+    p.add_argument(
+        "--commit-interval",
+        type=float,
+        default=0.1,
+        help="Faust's BROKER_COMMIT_INTERVAL for the --floor-rate latency run",
+    )
+    p.add_argument(
+        "--floor-rate",
+        type=int,
+        default=250,
+        help="also measure latency at this lower rate (0: don't)",
+    )
+    p.add_argument("--partitions", type=int, default=12, help="of the sink rows' topics")
+    p.add_argument(
+        "--router-partitions",
+        type=int,
+        default=3,
+        help="of the router, latency and memory rows' topics (Herald's default)",
+    )
+    p.add_argument(
+        "--row-seconds",
+        type=float,
+        default=None,
+        help="time limit per contender; a slower one is measured over what it did by then",
+    )
+    p.add_argument("--naive-count", type=int, default=None)
+    p.add_argument("--naive-seconds", type=float, default=None)
+    p.add_argument("--webhook-connections", type=int, default=100)
+    p.add_argument("--profile-seconds", type=float, default=None)
+    p.add_argument("--profile-events", type=int, default=None, help="backlog per profile")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=["router", "email", "webhook", "scale", "latency", "memory", "profile"],
+    )
+    p.add_argument(
+        "--router-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the router rows (Faust settings, e.g. PRODUCER_LINGER)",
+    )
+    p.add_argument(
+        "--herald-root",
+        type=Path,
+        default=None,
+        help="run the herald processes from another checkout (e.g. a git worktree of an "
+        "older commit) to compare versions; the harness and the baselines stay this one's",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work dir (logs, profiles)")
+    args = p.parse_args(argv)
+    quick = args.quick or env("BENCH_QUICK") not in (None, "", "0")
+    defaults = (
+        {"events": 5_000, "backlog": 50_000, "latency_seconds": 10.0, "naive_count": 1_000}
+        | {"naive_seconds": 5.0, "profile_seconds": 5.0, "profile_events": 20_000}
+        | {"row_seconds": 30.0}
+        if quick
+        else {"events": 50_000, "backlog": 1_000_000, "latency_seconds": 30.0}
+        | {"naive_count": 5_000, "naive_seconds": 10.0, "profile_seconds": 10.0}
+        | {"profile_events": 40_000, "row_seconds": 90.0}
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if "scale" not in args.skip and "email" in args.skip:
+        args.skip.append("scale")
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
