@@ -56,7 +56,7 @@ chaos: install kafka-jars
 	$(BIN)/python -m bench.chaos --events $(EVENTS) --cluster $(CLUSTER)
 
 # Throughput, latency, memory and scaling on a local broker, nginx and smtp-sink; prints a
-# table and one RESULT line (bench/README.md). About 20 minutes; installs nginx, wrk, postfix
+# table and one RESULT line (bench/README.md). About 10-12 minutes; installs nginx, wrk, postfix
 # (for smtp-sink, no MTA left running) and py-spy when missing.
 #   make bench                                  the full run
 #   make bench BENCH_QUICK=1                    small sizes, a few minutes

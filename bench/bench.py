@@ -1,6 +1,6 @@
 """Throughput, latency, memory and scaling of Herald on a real local broker (`make bench`).
 
-    python -m bench.bench                       # the full run (about 15-20 minutes)
+    python -m bench.bench                       # the full run (about 10-12 minutes)
     python -m bench.bench --quick               # small sizes, a few minutes
     python -m bench.bench --events 20000 --backlog 200000
 
