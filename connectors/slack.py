@@ -36,7 +36,7 @@ from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
-from connectors.ssrf import AddressGuard, Answer, Resolver, guarded_client, post, split_hosts
+from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -117,7 +117,7 @@ class SlackConnector(Connector):
                 "HERALD_SLACK_ALLOW_HOSTS)"
             )
         self._backend = network_backend
-        self._client: httpx.AsyncClient | None = None
+        self._pool = LazyGuardedClient(self._guard, config, network_backend)
 
     @classmethod
     def from_settings(cls, settings: HeraldSettings) -> Self:
@@ -167,9 +167,7 @@ class SlackConnector(Connector):
         return outcome(replace(answer, text=self._redact(answer.text, url)))
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._pool.aclose()
 
     def _check_recipient(self, recipient: str) -> httpx.URL:
         """The webhook URL, or ValueError (whose text never repeats the URL)."""
@@ -200,18 +198,7 @@ class SlackConnector(Connector):
         return text
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.config
-            self._client = guarded_client(
-                self._guard,
-                connect_timeout_s=c.connect_timeout_s,
-                read_timeout_s=c.read_timeout_s,
-                ca_file=c.ca_file,
-                max_connections=c.max_connections,
-                headers={"user-agent": c.user_agent},
-                backend=self._backend,
-            )
-        return self._client
+        return self._pool.get()
 
 
 def outcome(answer: Answer) -> DeliveryResult:

@@ -44,7 +44,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Seque
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httpcore
 import httpx
@@ -58,6 +58,7 @@ __all__ = [
     "ForbiddenAddressError",
     "GuardedBackend",
     "GuardedTransport",
+    "LazyGuardedClient",
     "Resolver",
     "forbidden_reason",
     "guarded_client",
@@ -332,6 +333,47 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
             keepalive_expiry=limits.keepalive_expiry,
             network_backend=GuardedBackend(guard, backend),
         )
+
+
+class _HttpConfig(Protocol):
+    connect_timeout_s: float
+    read_timeout_s: float
+    ca_file: Path | None
+    max_connections: int
+    user_agent: str
+
+
+class LazyGuardedClient:
+    """One guarded client per connector, made on first use (inside the running loop) and
+    closed with the connector."""
+
+    def __init__(
+        self,
+        guard: AddressGuard,
+        config: _HttpConfig,
+        backend: httpcore.AsyncNetworkBackend | None = None,
+    ) -> None:
+        self._guard, self._config, self._backend = guard, config, backend
+        self._client: httpx.AsyncClient | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        if self._client is None:
+            c = self._config
+            self._client = guarded_client(
+                self._guard,
+                connect_timeout_s=c.connect_timeout_s,
+                read_timeout_s=c.read_timeout_s,
+                ca_file=c.ca_file,
+                max_connections=c.max_connections,
+                headers={"user-agent": c.user_agent},
+                backend=self._backend,
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
 
 def guarded_client(

@@ -45,7 +45,7 @@ from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
-from connectors.ssrf import AddressGuard, Answer, Resolver, guarded_client, post, split_hosts
+from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
 from pipeline.records import NotificationIntent
 from pipeline.settings import HeraldSettings
 
@@ -217,7 +217,7 @@ class WebhookConnector(Connector):
         self._keys = parse_secrets(config.secrets)
         self._guard = AddressGuard(config.allow_hosts, resolver)
         self._backend = network_backend
-        self._client: httpx.AsyncClient | None = None
+        self._pool = LazyGuardedClient(self._guard, config, network_backend)
         # httpcore's pool scans every queued request against every connection whenever one
         # frees up: with hundreds of sends queued (the sink's windows) that scan dominated
         # the profile. Queue here instead, at most one request per pooled connection.
@@ -272,23 +272,10 @@ class WebhookConnector(Connector):
         return outcome(answer, msg_id)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._pool.aclose()
 
     def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.config
-            self._client = guarded_client(
-                self._guard,
-                connect_timeout_s=c.connect_timeout_s,
-                read_timeout_s=c.read_timeout_s,
-                ca_file=c.ca_file,
-                max_connections=c.max_connections,
-                headers={"user-agent": c.user_agent},
-                backend=self._backend,
-            )
-        return self._client
+        return self._pool.get()
 
 
 def outcome(answer: Answer, msg_id: str) -> DeliveryResult:
