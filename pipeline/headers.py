@@ -7,6 +7,7 @@ __all__ = [
     "CONTENT_TYPE",
     "ERROR_CLASS",
     "ERROR_MESSAGE",
+    "ERROR_RULE",
     "EVENT_ID",
     "EVENT_TYPE",
     "FAILED_AT",
@@ -16,9 +17,11 @@ __all__ = [
     "NOT_BEFORE",
     "ORIGINAL_OFFSET",
     "ORIGINAL_PARTITION",
+    "ORIGINAL_SIZE",
     "ORIGINAL_TOPIC",
     "SCHEMA",
     "TRACEPARENT",
+    "TRUNCATED",
     "Headers",
     "as_dict",
     "header_value",
@@ -40,6 +43,11 @@ ERROR_CLASS = "herald-error-class"
 ERROR_MESSAGE = "herald-error-message"
 FAILED_AT = "herald-failed-at"
 ATTEMPTS = "herald-attempts"  # failed attempts so far
+# A dead letter cut to fit the record limit: what was cut ("value", "headers", "key") and
+# the size of the record it stands for. The original is at herald-original-*.
+TRUNCATED = "herald-truncated"
+ORIGINAL_SIZE = "herald-original-size"
+ERROR_RULE = "herald-error-rule"  # the routing rule that failed, when one did
 # Retry records: when to try again, and the failure history the dead letter will carry.
 NOT_BEFORE = "herald-not-before"  # epoch milliseconds
 FIRST_FAILED_AT = "herald-first-failed-at"

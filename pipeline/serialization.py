@@ -36,6 +36,7 @@ __all__ = [
     "MalformedRecordError",
     "RecordTooLargeError",
     "RecordValidationError",
+    "RegistryUnavailableError",
     "SchemaRegistry",
     "UnexpectedSchemaError",
     "UnknownFramingError",
@@ -102,6 +103,30 @@ class RecordTooLargeError(DecodeError):
 class UnexpectedSchemaError(DecodeError):
     """A well-formed record of a type this reader does not take (e.g. an intent on an
     events topic)."""
+
+
+class RegistryUnavailableError(Exception):
+    """The schema registry could not answer (unreachable, timing out, 5xx, refusing our
+    credentials). Transient: the record is fine, so a reader holds it and tries again
+    instead of dead-lettering it."""
+
+    def __init__(self, doing: str, cause: BaseException) -> None:
+        self.doing = doing
+        super().__init__(f"schema registry unavailable while {doing}: {_describe_failure(cause)}")
+
+
+def _describe_failure(e: BaseException) -> str:
+    # The registry client's errors may quote the URL, which can carry credentials
+    # (https://user:secret@host): name the error class and status only.
+    status = getattr(e, "http_status_code", None)
+    if status is not None:
+        return f"{type(e).__name__} (HTTP {status}, {getattr(e, 'error_message', '')})"
+    return type(e).__name__
+
+
+def _registry_not_found(e: BaseException) -> bool:
+    """A definite "no such schema" from the registry, as opposed to an outage."""
+    return getattr(e, "http_status_code", None) == 404
 
 
 class RecordValidationError(ValueError):
@@ -201,9 +226,14 @@ class AvroSerde:
 
             if self.registry is None:  # pragma: no cover - encode() checks first
                 raise SchemaError("no schema registry configured")
-            self._ids[schema.full_name] = self.registry.register_schema(
-                schema.full_name, RegistrySchema(schema.to_json(), "AVRO")
-            )
+            try:
+                self._ids[schema.full_name] = self.registry.register_schema(
+                    schema.full_name, RegistrySchema(schema.to_json(), "AVRO")
+                )
+            except Exception as e:
+                # Refused (incompatible) or unreachable: either way every record of this
+                # type would fail alike, so it is held, not dead-lettered.
+                raise RegistryUnavailableError(f"registering {schema.full_name}", e) from None
         return self._ids[schema.full_name]
 
     # -- reading ---------------------------------------------------------------------------
@@ -284,8 +314,10 @@ class AvroSerde:
         try:
             registered = self.registry.get_schema(schema_id)
         except Exception as e:
+            if not _registry_not_found(e):
+                raise RegistryUnavailableError(f"fetching schema id {schema_id}", e) from None
             raise UnknownSchemaError(
-                f"schema id {schema_id} not found in the registry ({e})", **where
+                f"schema id {schema_id} not found in the registry", **where
             ) from None
         definition = json.loads(registered.schema_str)
         writer_parsed: Any = fastavro.parse_schema(definition)  # with the marker: see _fastavro
@@ -362,7 +394,11 @@ def serde_from_settings(settings: HeraldSettings) -> AvroSerde:
     if settings.schema_registry_url:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        registry = SchemaRegistryClient({"url": settings.schema_registry_url})
+        # A short timeout and no retries of its own: the caller (router, sink) holds the
+        # record and retries with backoff, without blocking its event loop for long.
+        registry = SchemaRegistryClient(
+            {"url": settings.schema_registry_url, "timeout": 5, "max.retries": 0}
+        )
     return AvroSerde(
         load_schemas(settings.schemas_dir.resolve()),
         registry=registry,

@@ -55,6 +55,10 @@ class HeraldSettings(BaseSettings):
     processing_guarantee: str = "exactly_once"
     router_data_dir: Path = project_root() / ".herald" / "router"
     router_session_timeout_s: float = 10.0
+    # While the schema registry cannot answer, the router holds the event and retries after
+    # this long, doubling up to the maximum.
+    router_retry_backoff_ms: int = 200
+    router_retry_backoff_max_ms: int = 30_000
 
     # Sinks
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on

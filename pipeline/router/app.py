@@ -1,30 +1,51 @@
 """The router as a Faust app: a thin loop around RouterHandler.
 
-Faust commits a source offset only after the records sent while processing it were
-acknowledged (at_least_once), or inside the same Kafka transaction (exactly_once). Either
-way a crash can at worst re-route an event, and re-routing yields the same notification ids,
+Nothing may move the source offset past an event whose outputs were not acknowledged:
+
+- RouterHandler dead-letters what can never be routed, so the loop only ever sends records
+  that fit the broker's limit.
+- A transient failure (the schema registry down) holds the event: the loop retries it with
+  capped backoff and sends nothing else meanwhile (the agent reads all of the process's
+  partitions in one stream, and they all need the same registry).
+- Anything else that escapes (a produce that failed, a bug) ends the process at once,
+  without the commit a graceful Faust shutdown would make. Faust's default supervisor would
+  restart the agent past the event; a hard exit leaves the offset where the last commit put
+  it, and the process supervisor's restart reads the event again.
+- Outputs are acknowledged before their source offset commits: inside the same Kafka
+  transaction (exactly_once, where a failed send aborts the commit), or by awaiting each
+  send before the next event (at_least_once).
+
+A crash can at worst route an event again, and re-routing yields the same notification ids,
 which the sinks deliver once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import random
+import time
 from typing import Any
 
 import faust
+from mode.supervisors import CrashingSupervisor
 
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
-from pipeline.router.handler import RouterHandler
+from pipeline.router.handler import Output, RouterHandler
 from pipeline.router.rules import RuleError, load_rules
 from pipeline.router.templates import Templates
-from pipeline.serialization import serde_from_settings
+from pipeline.serialization import RegistryUnavailableError, serde_from_settings
 from pipeline.settings import HeraldSettings
 from pipeline.topics import CHANNELS, Topics
 
-__all__ = ["create_app", "create_handler"]
+__all__ = ["HoldingRouter", "create_app", "create_handler"]
 
 log = logging.getLogger(__name__)
+
+# Exit status of a router that stopped itself on an unexpected failure (EX_SOFTWARE).
+EXIT_UNEXPECTED = 70
 
 
 def create_handler(settings: HeraldSettings) -> RouterHandler:
@@ -39,8 +60,80 @@ def create_handler(settings: HeraldSettings) -> RouterHandler:
     templates = Templates(settings.templates_dir)
     templates.check({r.template for r in rules.rules})
     return RouterHandler(
-        serde_from_settings(settings), rules, templates, Topics(settings.topic_prefix)
+        serde_from_settings(settings),
+        rules,
+        templates,
+        Topics(settings.topic_prefix),
+        max_record_bytes=settings.max_record_bytes,
     )
+
+
+class HoldingRouter:
+    """RouterHandler.handle, retried while the failure is transient.
+
+    The first try runs on the event loop (the registry answers from cache nearly always);
+    retries run in a thread, so a registry that hangs until its timeout does not stall
+    the consumer's heartbeats. Backoff doubles from ``backoff_s`` up to ``max_backoff_s``,
+    with jitter; it never gives up: the event is held until it can be routed.
+    """
+
+    def __init__(
+        self, handler: RouterHandler, backoff_s: float = 0.2, max_backoff_s: float = 30.0
+    ) -> None:
+        self.handler = handler
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.held_since: float | None = None  # monotonic time the current hold began
+        self.holds = 0  # events that had to be held, since start
+
+    async def handle(self, **record: Any) -> list[Output]:
+        try:
+            return self.handler.handle(**record)
+        except RegistryUnavailableError as e:
+            return await self._hold(record, e)
+
+    async def _hold(self, record: dict[str, Any], error: Exception) -> list[Output]:
+        where = f"{record['topic']}[{record['partition']}]@{record['offset']}"
+        self.holds += 1
+        self.held_since = time.monotonic()
+        delay = self.backoff_s
+        try:
+            while True:
+                held = time.monotonic() - self.held_since
+                log.warning(
+                    "holding %s (and the partitions behind it) for %.1fs so far: %s; "
+                    "retrying in %.1fs",
+                    where,
+                    held,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                delay = min(delay * 2, self.max_backoff_s)
+                try:
+                    outputs = await asyncio.to_thread(self.handler.handle, **record)
+                except RegistryUnavailableError as e:
+                    error = e
+                    continue
+                log.warning("released %s after %.1fs", where, time.monotonic() - self.held_since)
+                return outputs
+        finally:
+            self.held_since = None
+
+
+def _stop_now(error: BaseException, where: str) -> None:
+    """End the process without Faust's graceful shutdown, which would commit the offset of
+    the event that failed (and, under exactly_once, the open transaction with it)."""
+    log.critical(
+        "router stopping at %s on an unexpected %s: %s; the event will be read again "
+        "from the last committed offset when the router restarts",
+        where,
+        type(error).__name__,
+        error,
+        exc_info=error,
+    )
+    logging.shutdown()
+    os._exit(EXIT_UNEXPECTED)
 
 
 def create_app(settings: HeraldSettings) -> faust.App:
@@ -72,25 +165,40 @@ def create_app(settings: HeraldSettings) -> faust.App:
         value_serializer="raw",
     )
     sinks: dict[str, Any] = {}
+    router = HoldingRouter(
+        handler,
+        backoff_s=settings.router_retry_backoff_ms / 1000,
+        max_backoff_s=settings.router_retry_backoff_max_ms / 1000,
+    )
+    # Under exactly_once the transaction commit fails if any send in it failed; otherwise
+    # each send is awaited before the event counts as done.
+    await_sends = settings.processing_guarantee != "exactly_once"
 
     def out(name: str) -> Any:
         if name not in sinks:
             sinks[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
         return sinks[name]
 
-    @app.agent(source, name="route")
+    @app.agent(source, name="route", supervisor_strategy=CrashingSupervisor)
     async def route(stream: Any) -> None:
         async for event in stream.events():
             msg = event.message
-            outputs = handler.handle(
-                key=msg.key,
-                value=msg.value,
-                headers=h.pairs(msg.headers),
-                topic=msg.topic,
-                partition=msg.partition,
-                offset=msg.offset,
-            )
-            for o in outputs:
-                await out(o.topic).send(key=o.key, value=o.value, headers=o.headers)
+            try:
+                outputs = await router.handle(
+                    key=msg.key,
+                    value=msg.value,
+                    headers=h.pairs(msg.headers),
+                    topic=msg.topic,
+                    partition=msg.partition,
+                    offset=msg.offset,
+                )
+                sent = [
+                    await out(o.topic).send(key=o.key, value=o.value, headers=o.headers)
+                    for o in outputs
+                ]
+                if await_sends and sent:
+                    await asyncio.gather(*sent)
+            except Exception as e:
+                _stop_now(e, f"{msg.topic}[{msg.partition}]@{msg.offset}")
 
     return app

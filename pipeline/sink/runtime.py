@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -60,7 +61,12 @@ from pipeline.records import (
     DeliveryStatus,
     NotificationIntent,
 )
-from pipeline.serialization import AvroSerde, serde_from_settings
+from pipeline.serialization import (
+    AvroSerde,
+    Decoded,
+    RegistryUnavailableError,
+    serde_from_settings,
+)
 from pipeline.settings import HeraldSettings
 from pipeline.sink.breaker import BreakerState, CircuitBreaker
 from pipeline.sink.ledger import TERMINAL, Ledger, LedgerEntry, LedgerOutcome, open_ledger
@@ -374,13 +380,7 @@ class SinkWorker:
     async def _process(self, part: _Partition, msg: Message, offset: int) -> None:
         topic, partition, _ = _coords(msg)
         try:
-            decoded = self.serde.decode(
-                msg.value(),
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                expect=NOTIFICATION_INTENT,
-            )
+            decoded = await self._decode(msg, topic, partition, offset)
             intent = NotificationIntent.from_avro(decoded.record)
         except Exception as e:  # DecodeError, or a record that does not make an intent
             log.warning("dead-lettering %s[%d]@%d to %s: %s", topic, partition, offset, self.dlq, e)
@@ -401,6 +401,34 @@ class SinkWorker:
             del self._inflight[key]
             done.set_result(None)
         self._complete(part, offset, outcome)
+
+    async def _decode(self, msg: Message, topic: str, partition: int, offset: int) -> Decoded:
+        """The intent in ``msg``. While the schema registry cannot answer, the record is
+        held (its window slot stays taken, so no offset moves past it) and decoded again
+        with capped backoff, in a thread so a hanging registry does not stall the loop."""
+        decode = functools.partial(
+            self.serde.decode,
+            msg.value(),
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            expect=NOTIFICATION_INTENT,
+        )
+        try:
+            return decode()
+        except RegistryUnavailableError as e:
+            error: Exception = e
+        delay = 0.2
+        while True:
+            log.warning(
+                "holding %s[%d]@%d: %s; retrying in %.1fs", topic, partition, offset, error, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                return await asyncio.to_thread(decode)
+            except RegistryUnavailableError as e:
+                error = e
 
     async def _deliver(
         self, msg: Message, intent: NotificationIntent, key: Key, attempts_before: int
@@ -709,6 +737,7 @@ class SinkWorker:
             error=error,
             attempts=attempts,
             error_class=error_class,
+            max_bytes=self.settings.max_record_bytes,
         )
         self._produce(dl.topic, dl.key, dl.value, dl.headers)
 

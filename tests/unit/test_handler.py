@@ -188,3 +188,93 @@ def test_unexpected_exception_is_dead_lettered_not_raised(
     value, _ = serde.encode(USER_REGISTERED, user_registered())
     [out] = _handle(handler, value)
     _assert_dead(out, "RuntimeError", value)
+
+
+def test_intent_over_the_record_limit_dead_letters_the_event_with_its_rule(
+    handler: RouterHandler, serde: AvroSerde
+) -> None:
+    # Subject, text and HTML each carry the name: the event fits, its intent does not.
+    value, _ = serde.encode(USER_REGISTERED, user_registered(display_name="x" * 400_000))
+    assert len(value) < handler.max_record_bytes
+    [out] = _handle(handler, value)
+    hd = _assert_dead(out, "RecordTooLargeError", value)
+    assert hd[h.ERROR_RULE] == "welcome-email"
+    assert "welcome-email" in hd[h.ERROR_MESSAGE]
+    assert "HERALD_MAX_RECORD_BYTES" in hd[h.ERROR_MESSAGE]
+
+
+def test_intent_just_under_the_limit_is_sent(
+    serde: AvroSerde, rules: RuleSet, templates: Templates
+) -> None:
+    value, _ = serde.encode(USER_REGISTERED, user_registered(display_name="x" * 1000))
+    [sized] = _handle(RouterHandler(serde, rules, templates, Topics(), clock=lambda: NOW), value)
+    from pipeline.deadletter import record_size
+
+    size = record_size(sized.key, sized.value, sized.headers)
+    exact = RouterHandler(serde, rules, templates, Topics(), lambda: NOW, max_record_bytes=size)
+    [out] = _handle(exact, value)
+    assert out.dead is False
+    smaller = RouterHandler(serde, rules, templates, Topics(), lambda: NOW, size - 1)
+    [out] = _handle(smaller, value)
+    assert out.dead is True
+
+
+def test_a_dead_letter_always_fits_the_limit(
+    serde: AvroSerde, rules: RuleSet, templates: Templates
+) -> None:
+    """A record over the limit is dead-lettered with its value cut, marked truncated, with
+    the original's coordinates: never a write the broker would refuse."""
+    from pipeline.deadletter import record_size
+
+    limit = 10_000
+    small = AvroSerde(serde.schemas, max_record_bytes=limit)
+    handler = RouterHandler(small, rules, templates, Topics(), lambda: NOW)
+    big = b"\xc3\x01" + b"z" * 20_000
+    [out] = _handle(handler, big, headers=[(h.EVENT_TYPE, b"user-registered")])
+    assert out.dead is True
+    assert record_size(out.key, out.value, out.headers) <= limit
+    hd = h.as_dict(out.headers)
+    assert hd[h.ERROR_CLASS] == "RecordTooLargeError"
+    assert hd[h.TRUNCATED] == "value"
+    assert int(hd[h.ORIGINAL_SIZE]) > 20_000
+    assert (hd[h.ORIGINAL_TOPIC], hd[h.ORIGINAL_PARTITION], hd[h.ORIGINAL_OFFSET]) == (
+        "events.user",
+        "1",
+        "77",
+    )
+    assert out.value is not None and big.startswith(out.value) and len(out.value) > 9_000
+
+
+def test_registry_outage_is_raised_not_dead_lettered(
+    schemas: SchemaSet, rules: RuleSet, templates: Templates
+) -> None:
+    """A registry that cannot answer is transient: the caller holds the event."""
+    from pipeline.serialization import RegistryUnavailableError
+
+    class Down:
+        def register_schema(self, *a: object, **k: object) -> int:
+            raise ConnectionRefusedError("registry down")
+
+        def get_schema(self, *a: object, **k: object) -> object:
+            raise ConnectionRefusedError("registry down")
+
+    writer = AvroSerde(schemas)  # single-object framing: decoding needs no registry
+    value, _ = writer.encode(USER_REGISTERED, user_registered())
+    handler = RouterHandler(AvroSerde(schemas, registry=Down()), rules, templates, Topics())
+    with pytest.raises(RegistryUnavailableError, match="registering"):
+        _handle(handler, value)
+    confluent = b"\x00\x00\x00\x00\x07" + value[10:]
+    with pytest.raises(RegistryUnavailableError, match="fetching schema id 7"):
+        _handle(handler, confluent)
+
+
+def test_schema_id_the_registry_does_not_have_is_dead_lettered(
+    schemas: SchemaSet, rules: RuleSet, templates: Templates
+) -> None:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://"})
+    handler = RouterHandler(AvroSerde(schemas, registry=registry), rules, templates, Topics())
+    [out] = _handle(handler, b"\x00\x00\x00\x01\x2d" + b"\x02")
+    hd = _assert_dead(out, "UnknownSchemaError", b"\x00\x00\x00\x01\x2d\x02")
+    assert "not found in the registry" in hd[h.ERROR_MESSAGE]
