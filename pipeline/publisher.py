@@ -71,6 +71,18 @@ class Publisher:
             self._client = Producer(self.settings.producer_config())
         return self._client
 
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait for outstanding events, then close the schema registry client, if any."""
+        if self._client is not None:
+            self._client.flush(timeout)
+        self.serde.close()
+
     def build(self, event_type: str, data: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
         """The full record for ``data``: envelope filled in, timestamps parsed. Raises
         SchemaError for an unknown event type."""

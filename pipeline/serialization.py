@@ -173,6 +173,12 @@ class AvroSerde:
         self._by_id: dict[int, tuple[Schema, Any]] = {}  # registry id -> (reader, writer)
         self._marked: dict[bytes, Any] = {}  # fingerprint -> fastavro form with its marker
 
+    def close(self) -> None:
+        """Close the registry client's connections (if there is one)."""
+        close = getattr(self.registry, "close", None)
+        if close is not None:
+            close()
+
     # -- writing ---------------------------------------------------------------------------
 
     def validate(self, full_name: str, record: dict[str, Any]) -> Schema:
