@@ -32,6 +32,7 @@ from tests.integration.procs import HeraldProcess, herald_env
 pytestmark = pytest.mark.integration
 
 WAIT = 90.0
+REGISTRY = [sys.executable, "-m", "devtools.registry"]
 BROKER_LIMIT = 1_048_588  # the broker's message.max.bytes (Kafka's default, not overridden)
 
 
@@ -141,8 +142,7 @@ class Registry:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "devtools.registry", "--port", str(self.port)]
-                + ["--data", str(self.data)],
+                [*REGISTRY, "--port", str(self.port), "--data", str(self.data)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
