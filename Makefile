@@ -35,7 +35,7 @@ demo: install kafka-jars
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check pipeline connectors tests
+	$(BIN)/ruff format --check pipeline connectors devtools tests
 	$(BIN)/mypy
 
 # PostgreSQL server binaries for the ledger tests, which start a throwaway server of their own

@@ -72,7 +72,7 @@ def _webhook_requests(args: argparse.Namespace) -> list[tuple[str, bytes, dict[s
     """(url, body, headers) per intent, as the webhook connector builds them."""
     from connectors.webhook import WebhookConnector, payload, sign
 
-    connector = WebhookConnector.from_settings(HeraldSettings())
+    connector = WebhookConnector.from_env()
     out = []
     now = int(time.time())
     for it in _intents(args):
@@ -125,9 +125,9 @@ async def smtp_loop(args: argparse.Namespace) -> int:
     """``--concurrency`` aiosmtplib connections, each sending prebuilt messages in turn."""
     import aiosmtplib
 
-    from connectors.email import build_message
+    from connectors.email import EmailSettings, build_message
 
-    settings = HeraldSettings()
+    settings = EmailSettings()
     messages = [
         build_message(i, settings.email_from, settings.message_id_domain) for i in _intents(args)
     ]
@@ -176,7 +176,7 @@ def _naive(args: argparse.Namespace, send: Any) -> int:
 def naive_http(args: argparse.Namespace) -> int:
     from connectors.webhook import WebhookConnector, payload, sign
 
-    connector = WebhookConnector.from_settings(HeraldSettings())
+    connector = WebhookConnector.from_env()
     conns: dict[str, http.client.HTTPConnection] = {}
 
     def send(intent: Any) -> None:
@@ -208,9 +208,9 @@ def naive_http(args: argparse.Namespace) -> int:
 
 
 def naive_smtp(args: argparse.Namespace) -> int:
-    from connectors.email import build_message
+    from connectors.email import EmailSettings, build_message
 
-    settings = HeraldSettings()
+    settings = EmailSettings()
     client = smtplib.SMTP(args.host, args.port, timeout=30)
 
     def send(intent: Any) -> None:

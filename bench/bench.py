@@ -48,6 +48,7 @@ from bench.workload import (
     steady_window,
     wait_count,
 )
+from connectors.email import EmailSettings
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.local import LocalKafka
 from pipeline.records import notification_id
@@ -175,19 +176,23 @@ class Bench:
         self.router_env = dict(kv.split("=", 1) for kv in args.router_env)
         self.email_settings: HeraldSettings | None = None
         self.email_smtp: SmtpSink | None = None
+        self.smtp_ports: dict[str, int] = {}  # topic prefix -> SMTP port of its row
         self.email_rate: float | None = None
         self.webhook_argv: list[str] = []
 
     # -- infrastructure ----------------------------------------------------------------------
 
-    def settings(self, prefix: str, **extra: Any) -> HeraldSettings:
+    def settings(self, prefix: str, smtp_port: int | None = None, **extra: Any) -> HeraldSettings:
+        """Settings of one row. The SMTP port belongs to the email connector's settings, not
+        to HeraldSettings: it is kept per topic prefix and handed to processes by env()."""
+        if smtp_port is not None:
+            self.smtp_ports[prefix] = smtp_port
         values: dict[str, Any] = {
             "kafka_bootstrap_servers": self.bootstrap,
             "topic_prefix": prefix,
             "topic_partitions": self.args.partitions,
             "router_data_dir": self.work / "router",
             "ledger_url": f"sqlite:///{self.work / 'ledger' / f'{prefix}db'}",
-            "message_id_domain": MESSAGE_ID_DOMAIN,
         }
         values.update(extra)
         return HeraldSettings(**values)
@@ -199,9 +204,12 @@ class Bench:
                 "HERALD_WEBHOOK_SECRETS": WEBHOOK_SECRETS,
                 "HERALD_WEBHOOK_ALLOW_HOSTS": "127.0.0.0/8",
                 "HERALD_WEBHOOK_MAX_CONNECTIONS": str(self.args.webhook_connections),
+                "HERALD_MESSAGE_ID_DOMAIN": MESSAGE_ID_DOMAIN,
                 "PYTHONDONTWRITEBYTECODE": "1",
             }
         )
+        if settings.topic_prefix in self.smtp_ports:
+            env["HERALD_SMTP_PORT"] = str(self.smtp_ports[settings.topic_prefix])
         env.update(extra)
         return env
 
@@ -352,9 +360,9 @@ class Bench:
         produce_all(s, intent_records(s, "s", n, "email"))
         smtp = SmtpSink(self.work / "smtp-sink").start()
         self._cleanup.append(smtp.stop)
-        s = s.model_copy(update={"smtp_port": smtp.port})
+        self.smtp_ports[s.topic_prefix] = smtp.port
         env = self.env(s)
-        conns = s.smtp_connections
+        conns = EmailSettings().smtp_connections
 
         start = smtp()
         p = self.baseline(
@@ -728,7 +736,7 @@ class Bench:
         )
         ss = self.settings("ps.", sink_group_prefix="bench-profile")
         if self.email_smtp is not None:
-            ss = ss.model_copy(update={"smtp_port": self.email_smtp.port})
+            self.smtp_ports[ss.topic_prefix] = self.email_smtp.port
         ensure_topics(rs)
         ensure_topics(ss)
         say(f"profile: preloading {n} events and {n} intents per sink")

@@ -35,8 +35,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from devtools.cluster import LocalKafkaCluster
 from pipeline.kafka.admin import ensure_topics
-from pipeline.kafka.cluster import LocalKafkaCluster
 from pipeline.kafka.local import LocalKafka
 from pipeline.publisher import Publisher
 from pipeline.records import notification_id
@@ -114,7 +114,7 @@ def env_for(settings: HeraldSettings) -> dict[str, str]:
 
 def smtp_server_main(args: argparse.Namespace) -> int:
     """The receiver, in its own process: not killed, keeps every accepted Message-ID."""
-    from pipeline.smtp_catcher import SmtpCatcher
+    from devtools.smtp_catcher import SmtpCatcher
 
     catcher = SmtpCatcher(port=args.port, id_log=Path(args.id_log))
     catcher.fail_rate = args.fail_rate
@@ -188,8 +188,6 @@ def run(args: argparse.Namespace) -> int:
         sink_group_prefix="chaos-sink",
         router_data_dir=work / "router",
         ledger_url=ledger,
-        smtp_port=smtp_port,
-        smtp_connections=4,
         sink_max_in_flight=args.in_flight,
         sink_max_attempts=50,
         sink_retry_backoff_ms=100,
@@ -197,10 +195,15 @@ def run(args: argparse.Namespace) -> int:
         breaker_failure_threshold=200,
         breaker_open_ms=1000,
         breaker_open_max_ms=4000,
-        message_id_domain=MESSAGE_ID_DOMAIN,
     )
     ensure_topics(settings)
     env = env_for(settings)
+    # The email connector's own settings (EmailSettings).
+    env.update(
+        HERALD_SMTP_PORT=str(smtp_port),
+        HERALD_SMTP_CONNECTIONS="4",
+        HERALD_MESSAGE_ID_DOMAIN=MESSAGE_ID_DOMAIN,
+    )
 
     smtp = Proc(
         "smtp",

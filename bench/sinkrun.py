@@ -24,7 +24,7 @@ async def run(path: str) -> None:
     cls = getattr(importlib.import_module(module), name)
     settings = HeraldSettings()
     ensure_topics(settings)
-    worker = SinkWorker(settings, cls.from_settings(settings))
+    worker = SinkWorker(settings, cls.from_env())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, worker.stop)

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 from pydantic import SecretStr
@@ -44,7 +44,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
@@ -154,10 +153,6 @@ class ApnsConnector(Connector):
             self._verify = ssl.create_default_context(cafile=str(config.ca_file))
         self._client: httpx.AsyncClient | None = None
         self._token: _ProviderToken | None = None
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(ApnsSettings())
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:

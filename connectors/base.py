@@ -5,12 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from pydantic_settings import BaseSettings
 
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 __all__ = ["Connector", "DeliveryResult", "Outcome"]
 
@@ -57,22 +56,25 @@ class Connector(ABC):
     max_body_bytes: ClassVar[int | None] = None
     #: The connector's own settings: a pydantic-settings class with its own env prefix
     #: (e.g. HERALD_WEBHOOK_), secrets as SecretStr. `herald connectors list` shows them.
-    settings_class: ClassVar[type[BaseSettings] | None] = None
-    #: For connectors configured through HeraldSettings instead: the field names they read.
-    settings_keys: ClassVar[tuple[str, ...]] = ()
+    #: The connector is built from an instance of it and from nothing else: it never sees
+    #: Herald's core settings (Kafka, ledger, topics).
+    settings_class: ClassVar[type[BaseSettings]]
+
+    def __init__(self, settings: Any) -> None:  # noqa: B027 - a signature for from_env
+        """Subclasses take an instance of their ``settings_class``."""
 
     @classmethod
     def setting_names(cls) -> list[str]:
         """Environment variable names of the connector's settings."""
-        if cls.settings_class is not None:
-            prefix = str(cls.settings_class.model_config.get("env_prefix", ""))
-            return [f"{prefix}{name}".upper() for name in cls.settings_class.model_fields]
-        return [f"HERALD_{k.upper()}" for k in cls.settings_keys]
+        prefix = str(cls.settings_class.model_config.get("env_prefix", ""))
+        return [f"{prefix}{name}".upper() for name in cls.settings_class.model_fields]
 
     @classmethod
-    @abstractmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        """Build the connector. Called once per sink process, before consuming starts."""
+    def from_env(cls) -> Self:
+        """Build the connector from its settings as the environment gives them. Called once
+        per sink process, before consuming starts; invalid settings raise pydantic's
+        ValidationError, which stops the process naming the variable."""
+        return cls(cls.settings_class())
 
     @abstractmethod
     async def send(self, intent: NotificationIntent) -> DeliveryResult:

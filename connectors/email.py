@@ -31,16 +31,24 @@ from email import quoprimime
 from email.headerregistry import Address
 from email.policy import SMTP as SMTP_POLICY
 from email.utils import format_datetime, parseaddr
+from enum import StrEnum
 from functools import lru_cache
-from typing import Self
+from pathlib import Path
 
 import aiosmtplib
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings, SmtpSecurity
 
-__all__ = ["EmailConnector", "InvalidAddressError", "build_message"]
+__all__ = [
+    "EmailConnector",
+    "EmailSettings",
+    "InvalidAddressError",
+    "SmtpSecurity",
+    "build_message",
+]
 
 # Deliberately plain: a local part and a dotted domain, no quoting, no CR/LF, no spaces.
 _ADDRESS = re.compile(
@@ -157,23 +165,38 @@ def build_message(
     )
 
 
+class SmtpSecurity(StrEnum):
+    NONE = "none"  # plain SMTP: only for local catchers and tests
+    STARTTLS = "starttls"
+    TLS = "tls"  # implicit TLS (SMTPS, port 465)
+
+
+class EmailSettings(BaseSettings):
+    """The email connector's settings. Their names predate the per-connector classes and
+    stay as they were: HERALD_SMTP_*, HERALD_EMAIL_FROM, HERALD_MESSAGE_ID_DOMAIN."""
+
+    model_config = SettingsConfigDict(env_prefix="HERALD_", extra="ignore")
+
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_security: SmtpSecurity = SmtpSecurity.NONE
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_ca_file: Path | None = None
+    smtp_timeout_s: float = 30.0
+    # Connections kept open to the server, hence sends in flight at once.
+    smtp_connections: int = 4
+    email_from: str = "Herald <notifications@herald.localhost>"
+    # Message-ID is <idempotency key@this domain>.
+    message_id_domain: str = "herald.localhost"
+
+
 class EmailConnector(Connector):
     channel = "email"
     max_body_bytes = 10 * 1024 * 1024
-    settings_keys = (
-        "smtp_host",
-        "smtp_port",
-        "smtp_security",
-        "smtp_username",
-        "smtp_password",
-        "smtp_ca_file",
-        "smtp_timeout_s",
-        "smtp_connections",
-        "email_from",
-        "message_id_domain",
-    )
+    settings_class = EmailSettings
 
-    def __init__(self, settings: HeraldSettings) -> None:
+    def __init__(self, settings: EmailSettings) -> None:
         self.settings = settings
         self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
         self._slots = asyncio.Semaphore(max(1, settings.smtp_connections))
@@ -182,10 +205,6 @@ class EmailConnector(Connector):
             self._tls_context = ssl.create_default_context(
                 cafile=str(settings.smtp_ca_file) if settings.smtp_ca_file else None
             )
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(settings)
 
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
         try:

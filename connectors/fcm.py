@@ -32,7 +32,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import SecretStr
@@ -41,7 +41,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -178,10 +177,6 @@ class FcmConnector(Connector):
         self._token_lock = asyncio.Lock()
         self._fetched = 0  # token requests answered, to tell waiters one failed meanwhile
         self._fetch_error: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(FcmSettings())
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:

@@ -7,7 +7,13 @@ from importlib.metadata import entry_points
 
 from connectors.base import Connector
 
-__all__ = ["DuplicateChannelError", "UnknownChannelError", "load_connectors"]
+__all__ = [
+    "DuplicateChannelError",
+    "UnknownChannelError",
+    "connector_class",
+    "installed_channels",
+    "load_connectors",
+]
 
 GROUP = "herald.connectors"
 
@@ -34,6 +40,11 @@ def load_connectors() -> dict[str, type[Connector]]:
         found[cls.channel] = cls
         origin[cls.channel] = ep.value
     return found
+
+
+def installed_channels() -> list[str]:
+    """The channels rules, the API and topic creation accept: one per installed connector."""
+    return sorted(load_connectors())
 
 
 def connector_class(channel: str) -> type[Connector]:

@@ -28,7 +28,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any
 
 import httpcore
 import httpx
@@ -38,7 +38,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 __all__ = ["SlackConnector", "SlackSettings", "message"]
 
@@ -118,10 +117,6 @@ class SlackConnector(Connector):
             )
         self._backend = network_backend
         self._pool = LazyGuardedClient(self._guard, config, network_backend)
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(SlackSettings())
 
     def describe_recipient(self, recipient: str) -> str:
         """An incoming-webhook URL is a credential: statuses and the ledger get the host and

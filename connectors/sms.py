@@ -30,7 +30,7 @@ no provider message id.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, NamedTuple, Self
+from typing import Any, ClassVar, NamedTuple
 
 import httpx
 from pydantic import SecretStr
@@ -39,7 +39,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 __all__ = ["SmsConnector", "SmsEncoding", "SmsSettings", "normalize_number", "sms_encoding"]
 
@@ -144,10 +143,6 @@ class SmsConnector(Connector):
         base = config.base_url.rstrip("/")
         self._url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         self._client: httpx.AsyncClient | None = None
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(SmsSettings())
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated
 
 import httpcore
 import httpx
@@ -47,7 +47,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 __all__ = [
     "InvalidSecretsError",
@@ -222,10 +221,6 @@ class WebhookConnector(Connector):
         # frees up: with hundreds of sends queued (the sink's windows) that scan dominated
         # the profile. Queue here instead, at most one request per pooled connection.
         self._slots = asyncio.Semaphore(max(1, config.max_connections))
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(WebhookSettings())
 
     def keys_for(self, url: httpx.URL | str) -> Sequence[bytes]:
         """The endpoint's own HMAC keys, else the default ones, else none."""

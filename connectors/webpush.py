@@ -59,7 +59,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -69,7 +69,6 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from connectors.base import Connector, DeliveryResult
 from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
-from pipeline.settings import HeraldSettings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
@@ -402,10 +401,6 @@ class WebPushConnector(Connector):
         )
         self._allow_hosts = frozenset(config.allow_hosts)
         self._client: httpx.AsyncClient | None = None
-
-    @classmethod
-    def from_settings(cls, settings: HeraldSettings) -> Self:
-        return cls(WebPushSettings())
 
     @property
     def application_server_key(self) -> str:

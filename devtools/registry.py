@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, help="JSON file the schemas persist in")
     parser.add_argument("--basic-auth", help="USER:PASSWORD required on every request")
     args = parser.parse_args(argv)
-    auth = tuple(args.basic_auth.split(":", 1)) if args.basic_auth else None
-    asyncio.run(serve(args.host, args.port, Store(args.data), auth))  # type: ignore[arg-type]
+    auth: tuple[str, str] | None = None
+    if args.basic_auth:
+        user, _, password = args.basic_auth.partition(":")
+        auth = (user, password)
+    asyncio.run(serve(args.host, args.port, Store(args.data), auth))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ every /v1 request needs ``Authorization: Bearer <token>``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -30,7 +31,7 @@ from pipeline.schemas import SchemaError
 from pipeline.serialization import RecordValidationError
 from pipeline.settings import HeraldSettings
 from pipeline.sink.ledger import Ledger, open_ledger
-from pipeline.topics import CHANNELS, Topics
+from pipeline.topics import Topics
 
 __all__ = ["create_api"]
 
@@ -43,6 +44,15 @@ def _problem(status: int, title: str, detail: str, **extra: Any) -> web.Response
     """An RFC 9457 problem document."""
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
     return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+@functools.cache
+def _channels() -> list[str]:
+    """The installed connectors' channels (read once: packages do not change under a running
+    process)."""
+    from connectors.registry import installed_channels
+
+    return installed_channels()
 
 
 class NotificationApi:
@@ -108,8 +118,9 @@ class NotificationApi:
             f"{f} is required" for f in ("channel", "recipient", "body_text") if not body.get(f)
         ]
         channel = str(body.get("channel", ""))
-        if channel and channel not in CHANNELS:
-            problems.append(f"channel must be one of {', '.join(CHANNELS)}")
+        channels = _channels()
+        if channel and channel not in channels:
+            problems.append(f"channel must be one of {', '.join(channels)}")
         data = body.get("data", {})
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             problems.append("data must be an object of strings")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.settings import HeraldSettings
+from pipeline.settings import HeraldSettings, project_root
 
 __all__ = ["main"]
 
@@ -269,7 +269,20 @@ def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: HeraldSettings) -> int:
-    from pipeline.demo import run_demo
+    # The demo, like the SMTP catcher it runs, is dev tooling: devtools/ in a source checkout,
+    # not part of the installed package.
+    checkout = str(project_root())
+    if (project_root() / "devtools").is_dir() and checkout not in sys.path:
+        sys.path.insert(0, checkout)
+    try:
+        from devtools.demo import run_demo
+    except ImportError:
+        print(
+            "herald demo: runs from a source checkout of Herald (make demo); "
+            "devtools/ is not part of the installed package",
+            file=sys.stderr,
+        )
+        return 2
 
     return run_demo(settings)
 

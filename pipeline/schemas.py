@@ -118,6 +118,10 @@ class SchemaSet:
             known = ", ".join(sorted(self._event_types))
             raise SchemaError(f"unknown event type {name!r}; known: {known}") from None
 
+    def domains(self) -> list[str]:
+        """The domains the event schemas declare: one events.<domain> topic each."""
+        return sorted({et.domain for et in self._event_types.values()})
+
     def event_types(self) -> list[EventType]:
         return sorted(self._event_types.values(), key=lambda e: e.name)
 

@@ -7,25 +7,18 @@ other setting is ``HERALD_*``.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["HeraldSettings", "SmtpSecurity", "project_root"]
+__all__ = ["HeraldSettings", "project_root"]
 
 
 def project_root() -> Path:
     """The source checkout (where schemas/ and config/ live)."""
     return Path(__file__).resolve().parent.parent
-
-
-class SmtpSecurity(StrEnum):
-    NONE = "none"  # plain SMTP: only for local catchers and tests
-    STARTTLS = "starttls"
-    TLS = "tls"  # implicit TLS (SMTPS, port 465)
 
 
 class HeraldSettings(BaseSettings):
@@ -88,17 +81,8 @@ class HeraldSettings(BaseSettings):
     api_port: int = 8080
     api_token: SecretStr | None = None  # when set, /v1 requests need "Bearer <token>"
 
-    # Email
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 1025
-    smtp_security: SmtpSecurity = SmtpSecurity.NONE
-    smtp_username: str | None = None
-    smtp_password: SecretStr | None = None
-    smtp_ca_file: Path | None = None
-    smtp_timeout_s: float = 30.0
-    smtp_connections: int = 4
-    email_from: str = "Herald <notifications@herald.localhost>"
-    message_id_domain: str = "herald.localhost"
+    # Each channel's settings belong to its connector (connectors/<channel>.py), e.g.
+    # HERALD_SMTP_* to EmailSettings.
 
     # Local broker provisioned from Maven Central (herald kafka up)
     kafka_home: Path = project_root() / ".herald" / "kafka"

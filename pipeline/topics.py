@@ -2,18 +2,19 @@
 
 Names carry an optional prefix (``HERALD_TOPIC_PREFIX``) so that several Herald installations,
 or test runs, can share one cluster.
+
+Which names exist is not fixed here: event topics are per domain, and the domains are what
+the event schemas declare (``herald.domain`` in schemas/); notification topics are per
+channel, and the channels are what the installed connectors serve (the ``herald.connectors``
+entry points). Callers pass both in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["CHANNELS", "DOMAINS", "Topics"]
-
-# Event topics are per domain: events.user carries user-registered and
-# password-reset-requested, keyed by user id, so one user's events stay in order.
-DOMAINS: tuple[str, ...] = ("user", "order")
-CHANNELS: tuple[str, ...] = ("email", "sms", "webpush", "fcm", "apns", "webhook", "slack")
+__all__ = ["Topics"]
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class Topics:
     def events(self, domain: str) -> str:
         return f"{self.prefix}events.{domain}"
 
-    def all_events(self) -> list[str]:
-        return [self.events(d) for d in DOMAINS]
+    def all_events(self, domains: Iterable[str]) -> list[str]:
+        """Event topics are per domain: events.user carries user-registered and
+        password-reset-requested, keyed by user id, so one user's events stay in order."""
+        return [self.events(d) for d in domains]
 
     @property
     def events_dlq(self) -> str:
@@ -45,8 +48,10 @@ class Topics:
     def status(self) -> str:
         return f"{self.prefix}notifications.status"
 
-    def all(self, channels: tuple[str, ...] = CHANNELS, retry_tiers: int = 3) -> list[str]:
-        names = [*self.all_events(), self.events_dlq, self.status]
+    def all(
+        self, domains: Iterable[str], channels: Iterable[str], retry_tiers: int = 3
+    ) -> list[str]:
+        names = [*self.all_events(domains), self.events_dlq, self.status]
         for channel in channels:
             names += [self.notifications(channel), self.notifications_dlq(channel)]
             names += [self.notifications_retry(channel, t) for t in range(1, retry_tiers + 1)]

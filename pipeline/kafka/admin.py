@@ -11,16 +11,27 @@ from confluent_kafka.cimpl import NewTopic
 from pipeline.settings import HeraldSettings
 from pipeline.topics import Topics
 
-__all__ = ["ensure_topics"]
+__all__ = ["ensure_topics", "herald_topics"]
 
 log = logging.getLogger(__name__)
+
+
+def herald_topics(settings: HeraldSettings) -> list[str]:
+    """Every topic this deployment needs: an event topic per domain of the schemas, and the
+    topics of every installed connector's channel."""
+    from connectors.registry import installed_channels
+    from pipeline.schemas import load_schemas
+
+    domains = load_schemas(settings.schemas_dir.resolve()).domains()
+    return Topics(settings.topic_prefix).all(
+        domains, installed_channels(), retry_tiers=settings.sink_retry_tiers
+    )
 
 
 def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> list[str]:
     """Create whichever of Herald's topics (or ``names``) do not exist yet.
     Returns the names created. Safe to run from several processes at once."""
-    topics = Topics(settings.topic_prefix)
-    wanted = names if names is not None else topics.all(retry_tiers=settings.sink_retry_tiers)
+    wanted = names if names is not None else herald_topics(settings)
     admin = AdminClient(settings.admin_config())
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [n for n in wanted if n not in existing]

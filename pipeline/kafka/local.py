@@ -10,7 +10,7 @@ files live under one directory (``HERALD_KAFKA_HOME``, default ``.herald/kafka``
     broker.pid           pid of the running broker
 
 By default the node is a single-node quorum of its own (``--standalone``). The optional
-fields make it one node of a static quorum instead (see pipeline/kafka/cluster.py): its
+fields make it one node of a static quorum instead (see devtools/cluster.py): its
 ``node_id``, the ``quorum_voters`` of all nodes, a shared ``cluster_id`` and ``lib_dir``, and
 ``properties`` that override or add to the server.properties written here.
 """

@@ -38,7 +38,7 @@ from pipeline.router.rules import RuleError, load_rules
 from pipeline.router.templates import Templates
 from pipeline.serialization import RegistryUnavailableError, serde_from_settings
 from pipeline.settings import HeraldSettings
-from pipeline.topics import CHANNELS, Topics
+from pipeline.topics import Topics
 
 __all__ = ["HoldingRouter", "create_app", "create_handler"]
 
@@ -50,17 +50,27 @@ EXIT_UNEXPECTED = 70
 
 def create_handler(settings: HeraldSettings) -> RouterHandler:
     """Load rules, templates and schemas; fail at start-up, not on the first event."""
+    from connectors.registry import installed_channels
+
     rules = load_rules(settings.rules_file)
+    serde = serde_from_settings(settings)
+    channels = installed_channels()
+    event_types = {et.name for et in serde.schemas.event_types()}
     for rule in rules.rules:
-        if rule.channel not in CHANNELS:
+        if rule.channel not in channels:
             raise RuleError(
                 f"rule {rule.name!r}: unknown channel {rule.channel!r}; "
-                f"known: {', '.join(CHANNELS)}"
+                f"installed connectors serve: {', '.join(channels)}"
+            )
+        if rule.event not in event_types:
+            raise RuleError(
+                f"rule {rule.name!r}: unknown event {rule.event!r}; "
+                f"schemas/ declares: {', '.join(sorted(event_types))}"
             )
     templates = Templates(settings.templates_dir)
     templates.check({r.template for r in rules.rules})
     return RouterHandler(
-        serde_from_settings(settings),
+        serde,
         rules,
         templates,
         Topics(settings.topic_prefix),
@@ -158,7 +168,7 @@ def create_app(settings: HeraldSettings) -> faust.App:
         producer_max_request_size=settings.max_record_bytes + 64 * 1024,
     )
     source = app.topic(
-        *topics.all_events(),
+        *topics.all_events(handler.serde.schemas.domains()),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def build_workers(settings: HeraldSettings, channels: list[str]) -> list[SinkWorker]:
     workers = []
     for channel in channels:
-        connector: Connector = connector_class(channel).from_settings(settings)
+        connector: Connector = connector_class(channel).from_env()
         workers.append(SinkWorker(settings, connector))
     return workers
 

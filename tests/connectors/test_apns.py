@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from connectors.apns import ApnsConnector, ApnsSettings, build_payload
 from connectors.base import Outcome
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
 from tests.connectors.peers import BadToken, closed_port, serve_h2, verify_jwt
 
 TEAM_ID = "5U8LBRXG3A"
@@ -616,7 +615,7 @@ def test_a_configuration_that_cannot_send_fails_at_startup(
         )
 
 
-def test_from_settings_reads_the_environment(
+def test_from_env_reads_the_environment(
     monkeypatch: pytest.MonkeyPatch, signing_key: ec.EllipticCurvePrivateKey, tmp_path: Path
 ) -> None:
     key_file = tmp_path / f"AuthKey_{KEY_ID}.p8"
@@ -626,7 +625,7 @@ def test_from_settings_reads_the_environment(
     monkeypatch.setenv("HERALD_APNS_PRIVATE_KEY_FILE", str(key_file))
     monkeypatch.setenv("HERALD_APNS_TOPIC", TOPIC)
     monkeypatch.setenv("HERALD_APNS_BASE_URL", "https://api.sandbox.push.apple.com")
-    connector = ApnsConnector.from_settings(HeraldSettings())
+    connector = ApnsConnector.from_env()
     assert connector.config.topic == TOPIC
     assert connector.config.base_url == "https://api.sandbox.push.apple.com"
     header, claims = verify_jwt(connector.provider_token(), signing_key.public_key())

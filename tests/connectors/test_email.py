@@ -19,10 +19,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from connectors.base import DeliveryResult, Outcome
-from connectors.email import EmailConnector
+from connectors.email import EmailConnector, EmailSettings
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
-from pipeline.smtp_catcher import SmtpCatcher
 
 SENDER = "Herald <notifications@herald.localhost>"
 DOMAIN = "herald.localhost"
@@ -35,8 +34,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def settings(port: int, **kw: Any) -> HeraldSettings:
-    return HeraldSettings(
+def settings(port: int, **kw: Any) -> EmailSettings:
+    return EmailSettings(
         smtp_host="127.0.0.1",
         smtp_port=port,
         smtp_timeout_s=5.0,
@@ -233,7 +232,7 @@ async def test_outcomes(catcher: SmtpCatcher, clients: list[aiosmtplib.SMTP], ca
     if case.defer:
         catcher.defer_recipients.add(case.recipient)
     port = free_port() if case.closed_port else catcher.port
-    connector = EmailConnector.from_settings(settings(port))
+    connector = EmailConnector(settings(port))
     sent = intent(case.recipient)
     try:
         result = await connector.send(sent)

@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from connectors.base import Outcome
 from connectors.fcm import SCOPE, FcmConnector, FcmSettings
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
 from tests.connectors.peers import BadToken, closed_port, serve_aiohttp, verify_jwt
 
 PROJECT = "herald-test"
@@ -642,12 +641,12 @@ def test_a_configuration_that_cannot_send_fails_at_startup(
         FcmConnector(settings(url, ec_key))
 
 
-def test_from_settings_reads_the_environment(
+def test_from_env_reads_the_environment(
     monkeypatch: pytest.MonkeyPatch, rsa_key: rsa.RSAPrivateKey
 ) -> None:
     monkeypatch.setenv("HERALD_FCM_SERVICE_ACCOUNT_JSON", service_account(rsa_key))
     monkeypatch.setenv("HERALD_FCM_PROJECT_ID", "overridden")
-    connector = FcmConnector.from_settings(HeraldSettings())
+    connector = FcmConnector.from_env()
     assert connector.account.project_id == "overridden"
     assert connector.account.token_uri == "https://oauth2.googleapis.com/token"  # noqa: S105
     assert connector.account.client_email == CLIENT_EMAIL

@@ -17,7 +17,6 @@ from aiohttp import web
 from connectors.base import DeliveryResult, Outcome
 from connectors.slack import SlackConnector, SlackSettings
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
 from tests.connectors.test_ssrf import RecordingBackend, ScriptedResolver, closed_port, serve
 
 TEAM, BOT = "T0HERALD01", "B0HERALD02"
@@ -457,7 +456,7 @@ async def test_concurrent_posts_share_connections(backend: RecordingBackend) -> 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERALD_SLACK_BASE_URL", "http://127.0.0.1:8089/services/")
     monkeypatch.setenv("HERALD_SLACK_ALLOW_HOSTS", "127.0.0.1")
-    connector = SlackConnector.from_settings(HeraldSettings())
+    connector = SlackConnector.from_env()
     assert connector.config.allow_hosts == ["127.0.0.1"]
     assert SlackSettings.model_config.get("env_prefix") == "HERALD_SLACK_"
     assert "HERALD_SLACK_BASE_URL" in SlackConnector.setting_names()

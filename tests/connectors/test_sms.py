@@ -20,7 +20,6 @@ from aiohttp import web
 from connectors.base import Outcome
 from connectors.sms import SmsConnector, SmsSettings, sms_encoding
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
 from tests.connectors.peers import closed_port, serve_aiohttp
 
 ACCOUNT_SID = "AC" + "5ef8732a3c49700934481addd5ce1659"[:32]
@@ -494,13 +493,13 @@ def test_a_configuration_that_cannot_send_fails_at_startup(
         SmsConnector(settings("http://127.0.0.1:9", **config))
 
 
-def test_from_settings_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_env_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERALD_SMS_BASE_URL", "http://127.0.0.1:9/")
     monkeypatch.setenv("HERALD_SMS_ACCOUNT_SID", ACCOUNT_SID)
     monkeypatch.setenv("HERALD_SMS_AUTH_TOKEN", AUTH_TOKEN)
     monkeypatch.setenv("HERALD_SMS_MESSAGING_SERVICE_SID", "MG" + "2" * 32)
     monkeypatch.setenv("HERALD_SMS_DEFAULT_REGION", "GB")
-    connector = SmsConnector.from_settings(HeraldSettings())
+    connector = SmsConnector.from_env()
     assert connector.config.default_region == "GB"
     assert connector.config.auth_token.get_secret_value() == AUTH_TOKEN
     assert AUTH_TOKEN not in repr(connector.config)

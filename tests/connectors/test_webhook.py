@@ -28,7 +28,6 @@ from connectors.webhook import (
     parse_secrets,
 )
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings
 from tests.connectors.test_ssrf import RecordingBackend, closed_port, serve
 
 OLD = new_secret()
@@ -537,7 +536,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERALD_WEBHOOK_SECRETS", json.dumps({"default": [NEW, OLD]}))
     monkeypatch.setenv("HERALD_WEBHOOK_ALLOW_HOSTS", "127.0.0.0/8, hooks.local")
     monkeypatch.setenv("HERALD_WEBHOOK_READ_TIMEOUT_S", "3.5")
-    connector = WebhookConnector.from_settings(HeraldSettings())
+    connector = WebhookConnector.from_env()
     assert connector.config.allow_hosts == ["127.0.0.0/8", "hooks.local"]
     assert connector.config.read_timeout_s == 3.5
     assert len(connector.keys_for("https://anywhere.example/x")) == 2

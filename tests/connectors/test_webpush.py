@@ -34,7 +34,7 @@ from connectors.webpush import (
     topic_for,
 )
 from pipeline.records import NotificationIntent, notification_id
-from pipeline.settings import HeraldSettings, project_root
+from pipeline.settings import project_root
 from tests.connectors.pushservice import (
     Answer,
     PushService,
@@ -592,7 +592,7 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HERALD_WEBPUSH_VAPID_SUBJECT", "https://herald.example.com/contact")
     monkeypatch.setenv("HERALD_WEBPUSH_ALLOW_HOSTS", "127.0.0.1, Push.Local")
     monkeypatch.setenv("HERALD_WEBPUSH_TTL_S", "600")
-    connector = WebPushConnector.from_settings(HeraldSettings())
+    connector = WebPushConnector.from_env()
     assert connector.config.allow_hosts == ["127.0.0.1", "push.local"]
     assert connector.config.ttl_s == 600
     assert connector.application_server_key == VAPID_PUBLIC

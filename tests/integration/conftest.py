@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline.kafka.admin import ensure_topics
 from pipeline.publisher import Publisher
 from pipeline.settings import HeraldSettings
-from pipeline.smtp_catcher import SmtpCatcher
 from tests.conftest import unique_prefix
 
 RULES = """
@@ -65,7 +65,6 @@ def pipeline(
             sink_group_prefix=f"{prefix}sink",
             router_data_dir=tmp / "router",
             rules_file=rules,
-            smtp_port=smtp.port,
             sink_max_attempts=3,
             sink_retry_backoff_ms=50,
         )

@@ -15,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from connectors.webhook import new_secret
 from connectors.webpush import generate_vapid_key
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
 from pipeline.publisher import Publisher
 from pipeline.records import DELIVERY_STATUS, DeliveryState
 from pipeline.settings import HeraldSettings
-from pipeline.smtp_catcher import SmtpCatcher
 from pipeline.topics import Topics
 from tests.connectors import test_apns as apns
 from tests.connectors import test_fcm as fcm
@@ -101,13 +101,13 @@ async def test_one_event_reaches_every_channel(settings: HeraldSettings, tmp_pat
                 {
                     **settings.model_dump(),
                     "rules_file": rules_file,
-                    "smtp_port": smtp.port,
                     "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}",
                 }
             )
             ensure_topics(s)
             env = herald_env(
                 s,
+                HERALD_SMTP_PORT=str(smtp.port),
                 HERALD_WEBHOOK_SECRETS=json.dumps({"default": [secret]}),
                 HERALD_WEBHOOK_ALLOW_HOSTS='["127.0.0.0/8"]',
                 HERALD_SLACK_BASE_URL=slack_base,

@@ -11,7 +11,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from pipeline.kafka.cluster import LocalKafkaCluster
+from devtools.cluster import LocalKafkaCluster
 from pipeline.settings import project_root
 from tests.conftest import free_port
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
 from pipeline.publisher import Publisher
 from pipeline.records import DELIVERY_STATUS, DeliveryState, notification_id
 from pipeline.settings import HeraldSettings
-from pipeline.smtp_catcher import SmtpCatcher
 from pipeline.topics import Topics
 from tests.integration.kafkautil import read_all
 from tests.integration.procs import HeraldProcess, herald_env
@@ -76,7 +76,6 @@ def pipeline(settings: HeraldSettings, tmp_path: Path) -> Iterator[Pipeline]:
     with SmtpCatcher() as smtp:
         s = settings.model_copy(
             update={
-                "smtp_port": smtp.port,
                 "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}",
                 "sink_max_attempts": 3,
                 "sink_retry_backoff_ms": 200,
@@ -90,7 +89,7 @@ def pipeline(settings: HeraldSettings, tmp_path: Path) -> Iterator[Pipeline]:
             {**s.model_dump(), "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"}
         )
         ensure_topics(s)
-        env = herald_env(s)
+        env = herald_env(s, HERALD_SMTP_PORT=str(smtp.port))
         router = HeraldProcess("router", ["run", "router"], env, tmp_path).start()
         sink = HeraldProcess("sink", ["run", "sink", "email"], env, tmp_path).start()
         try:

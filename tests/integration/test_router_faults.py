@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline import headers as h
 from pipeline.deadletter import record_size
 from pipeline.kafka.admin import ensure_topics
@@ -22,7 +23,6 @@ from pipeline.publisher import Publisher
 from pipeline.records import NOTIFICATION_INTENT, notification_id
 from pipeline.serialization import serde_from_settings
 from pipeline.settings import HeraldSettings
-from pipeline.smtp_catcher import SmtpCatcher
 from pipeline.topics import Topics
 from tests.conftest import free_port
 from tests.integration.conftest import RunningPipeline
@@ -176,7 +176,6 @@ def test_registry_outage_holds_events_until_it_is_back_and_nothing_is_lost(
         s = HeraldSettings.model_validate(
             {
                 **settings.model_dump(),
-                "smtp_port": smtp.port,
                 "ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}",
                 "schema_registry_url": registry.url,
                 "router_retry_backoff_ms": 100,
@@ -193,7 +192,7 @@ def test_registry_outage_holds_events_until_it_is_back_and_nothing_is_lost(
         publisher.serde.close()  # its schema id is cached: no more registry calls
         registry.stop()
 
-        env = herald_env(s, SCHEMA_REGISTRY_URL=registry.url)
+        env = herald_env(s, SCHEMA_REGISTRY_URL=registry.url, HERALD_SMTP_PORT=str(smtp.port))
         proc = HeraldProcess("all", ["run", "all", "email"], env, tmp_path).start()
         try:
             published += [publisher.publish_sync("user-registered", u) for u in users[1:]]
@@ -218,7 +217,7 @@ def test_registry_outage_holds_events_until_it_is_back_and_nothing_is_lost(
             for u, event in zip(users, published, strict=True):
                 got = smtp.to(u["email"])
                 nid = notification_id(event.event_id, "welcome-email", "email", u["email"])
-                assert [m.message_id for m in got] == [f"<{nid}@{s.message_id_domain}>"]
+                assert [m.message_id for m in got] == [f"<{nid}@herald.localhost>"]
             assert read_all(s.kafka_bootstrap_servers, topics.events_dlq) == []
             assert read_all(s.kafka_bootstrap_servers, topics.notifications_dlq("email")) == []
             # The intents are in the registry's framing, readable by any registry client.

@@ -17,11 +17,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from devtools.smtp_catcher import SmtpCatcher
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.local import KafkaNotProvisionedError, LocalKafka
 from pipeline.publisher import Publisher
 from pipeline.settings import HeraldSettings, project_root
-from pipeline.smtp_catcher import SmtpCatcher
 from pipeline.topics import Topics
 
 __all__ = ["run_demo"]
@@ -82,8 +82,6 @@ def run_demo(base: HeraldSettings) -> int:
             settings = base.model_copy(
                 update={
                     "kafka_bootstrap_servers": kafka.bootstrap_servers,
-                    "smtp_host": "127.0.0.1",
-                    "smtp_port": smtp.port,
                     "router_data_dir": home / "router",
                 }
             )
