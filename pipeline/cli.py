@@ -101,7 +101,7 @@ def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
-    from pipeline.publisher import Publisher, PublishError
+    from pipeline.publisher import OversizedRecordError, Publisher, PublishError
     from pipeline.schemas import SchemaError
     from pipeline.serialization import RecordValidationError
 
@@ -116,7 +116,7 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
     try:
         publisher = Publisher(settings, producer_name=args.producer)
         event = publisher.publish_sync(args.event_type, data)
-    except (SchemaError, RecordValidationError) as e:
+    except (SchemaError, RecordValidationError, OversizedRecordError) as e:
         print(f"herald publish: {e}", file=sys.stderr)
         return 2
     except PublishError as e:

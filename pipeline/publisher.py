@@ -7,13 +7,17 @@
 The envelope is filled in when absent (event_id, occurred_at, producer, traceparent); the record
 is validated against the newest schema version before anything is sent, keyed by the event's
 key field (the user id) as UTF-8, with headers that Kafka's console tools print as text.
+
+A record whose encoded size (value, key and headers) is over ``HERALD_MAX_RECORD_BYTES`` is
+refused before it is produced (``OversizedRecordError``): every reader refuses a record over
+that limit, so writing it would only make a dead letter.
 """
 
 from __future__ import annotations
 
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,13 +29,57 @@ from pipeline.serialization import AvroSerde, serde_from_settings
 from pipeline.settings import HeraldSettings
 from pipeline.topics import Topics
 
-__all__ = ["PublishError", "PublishedEvent", "Publisher", "new_traceparent"]
+__all__ = [
+    "OutgoingRecord",
+    "OversizedRecordError",
+    "PublishError",
+    "PublishedEvent",
+    "Publisher",
+    "new_traceparent",
+]
 
 CONTENT_TYPE = "application/avro"
 
 
 class PublishError(RuntimeError):
     """Kafka did not accept the event."""
+
+
+class OversizedRecordError(ValueError):
+    """An encoded record is over the record limit; nothing was written. Make the record
+    smaller (or raise HERALD_MAX_RECORD_BYTES everywhere, brokers' max.message.bytes too)."""
+
+    def __init__(self, topic: str, size: int, limit: int) -> None:
+        self.topic = topic
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"a record for {topic} would be {size} bytes encoded (value, key and headers), "
+            f"over the {limit}-byte limit (HERALD_MAX_RECORD_BYTES)"
+        )
+
+
+@dataclass(frozen=True)
+class OutgoingRecord:
+    """An encoded record, ready to produce."""
+
+    topic: str
+    key: str
+    value: bytes
+    headers: h.Headers
+
+    @property
+    def size(self) -> int:
+        """The bytes counted against the record limit: value, key, header names and values.
+        (Kafka adds a few bytes of framing; the readers check the value alone.)"""
+        headers = sum(len(k.encode()) + len(_bytes(v)) for k, v in self.headers)
+        return len(self.value) + len(self.key.encode()) + headers
+
+
+def _bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -97,12 +145,12 @@ class Publisher:
         schema = self.serde.schemas.latest(et.full_name)
         return et, _parse_timestamps(schema.definition, record)
 
-    def publish(
-        self, event_type: str, data: dict[str, Any], *, on_delivery: Any = None
-    ) -> PublishedEvent:
-        """Validate, encode and enqueue one event. Delivery is asynchronous: call flush()
-        (or use publish_sync) to know it was written. Raises RecordValidationError naming
-        the offending fields."""
+    def prepare(
+        self, event_type: str, data: dict[str, Any]
+    ) -> tuple[PublishedEvent, OutgoingRecord]:
+        """Validate, encode and size-check one event without writing it. Raises SchemaError
+        (unknown event type), RecordValidationError (naming the offending fields) or
+        OversizedRecordError."""
         et, record = self.build(event_type, data)
         value, schema_ref = self.serde.encode(et.full_name, record)
         key = str(record[et.key_field])
@@ -117,40 +165,69 @@ class Publisher:
         ]
         if envelope.get("traceparent"):
             hdrs.append((h.TRACEPARENT, str(envelope["traceparent"]).encode()))
-        self._produce(topic, key, value, hdrs, on_delivery)
-        return PublishedEvent(et.name, event_id, topic, key)
+        out = self.check_size(OutgoingRecord(topic, key, value, hdrs))
+        return PublishedEvent(et.name, event_id, topic, key), out
+
+    def check_size(self, record: OutgoingRecord) -> OutgoingRecord:
+        """``record``, if it is within the record limit; else OversizedRecordError."""
+        if record.size > self.settings.max_record_bytes:
+            raise OversizedRecordError(record.topic, record.size, self.settings.max_record_bytes)
+        return record
+
+    def publish(
+        self, event_type: str, data: dict[str, Any], *, on_delivery: Any = None
+    ) -> PublishedEvent:
+        """Validate, encode and enqueue one event. Delivery is asynchronous: call flush()
+        (or use publish_sync) to know it was written. Raises what prepare() raises."""
+        event, record = self.prepare(event_type, data)
+        self.produce(record, on_delivery)
+        return event
 
     def publish_sync(
         self, event_type: str, data: dict[str, Any], timeout: float = 30.0
     ) -> PublishedEvent:
         """Publish and wait until Kafka acknowledged the write."""
+        event, record = self.prepare(event_type, data)
+        partition, offset = self.write_sync(record, timeout)
+        return replace(event, partition=partition, offset=offset)
+
+    def write_sync(self, record: OutgoingRecord, timeout: float = 30.0) -> tuple[int, int]:
+        """Produce ``record`` and wait until Kafka acknowledged it; returns its partition and
+        offset. Raises PublishError when Kafka refused it or did not answer in time."""
         result: dict[str, Any] = {}
 
         def done(err: KafkaError | None, msg: Message) -> None:
             result["err"], result["msg"] = err, msg
 
-        event = self.publish(event_type, data, on_delivery=done)
+        self.produce(record, done)
         self._producer.flush(timeout)
         if "msg" not in result:
-            raise PublishError(f"no acknowledgement from Kafka within {timeout}s for {event.topic}")
+            raise PublishError(
+                f"no acknowledgement from Kafka within {timeout}s for {record.topic}"
+            )
         if result["err"] is not None:
-            raise PublishError(f"{event.topic}: {result['err']}")
+            raise PublishError(f"{record.topic}: {result['err']}")
         msg = result["msg"]
-        return PublishedEvent(
-            event.event_type, event.event_id, event.topic, event.key, msg.partition(), msg.offset()
-        )
+        return int(msg.partition()), int(msg.offset())
+
+    def produce(self, record: OutgoingRecord, on_delivery: Any = None) -> None:
+        """Enqueue ``record`` (waiting while the local queue is full)."""
+        while True:
+            try:
+                self._producer.produce(
+                    record.topic,
+                    record.value,
+                    record.key.encode(),
+                    headers=record.headers,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.1)  # local queue full: let deliveries drain
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding events; returns how many are still not acknowledged."""
         return int(self._producer.flush(timeout))
-
-    def _produce(self, topic: str, key: str, value: bytes, hdrs: h.Headers, cb: Any) -> None:
-        while True:
-            try:
-                self._producer.produce(topic, value, key.encode(), headers=hdrs, on_delivery=cb)
-                return
-            except BufferError:
-                self._producer.poll(0.1)  # local queue full: let deliveries drain
 
 
 def _parse_timestamps(schema: Any, value: Any) -> Any:

@@ -16,9 +16,12 @@ replay always ends. Filters: ``--event-type``, ``--event-id``, ``--notification-
 
 What is sent twice. Notification ids are deterministic, so by default nothing the ledger
 has as SENT is written again: replaying a whole topic from offset 0 makes no provider call.
-An intent the ledger has as REJECTED or DEAD was never delivered; it is written as a new
-generation (its own idempotency key) so the sink tries again. ``--force`` makes every
-selected intent a new generation, including sent ones: a deliberate second delivery.
+A dead-lettered intent, or one the ledger has as REJECTED or DEAD, was never delivered: it is
+redriven, i.e. written as the next generation (its own idempotency key) so the sink tries
+again. That generation is derived from the failed record itself (``redrive_generation``), so
+replaying the same dead letters twice writes the same generations and the sink skips what
+the first run delivered. ``--force`` makes every selected intent a generation the ledger has
+not seen, including sent ones: a deliberate second delivery each time.
 
 ``--dry-run`` counts. ``--rate`` limits records per second. Progress is saved to
 ``--checkpoint`` (a JSON file) every second, and ``--resume`` continues from it.
@@ -34,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -44,7 +48,14 @@ from pipeline.serialization import AvroSerde, DecodeError
 from pipeline.settings import HeraldSettings
 from pipeline.sink.ledger import Ledger
 
-__all__ = ["ReplayError", "ReplayOptions", "ReplayStats", "parse_duration", "replay"]
+__all__ = [
+    "ReplayError",
+    "ReplayOptions",
+    "ReplayStats",
+    "parse_duration",
+    "redrive_generation",
+    "replay",
+]
 
 REPLAYED_FROM = "herald-replayed-from"
 # Headers a dead letter carries that must not follow the record back into the pipeline.
@@ -90,6 +101,7 @@ class ReplayStats:
     written: int = 0
     filtered: int = 0
     skipped_sent: int = 0
+    skipped_redriven: int = 0  # redriven by an earlier replay, whose outcome the ledger has
     new_generation: int = 0
     undecodable: int = 0
     by_destination: dict[str, int] = field(default_factory=dict)
@@ -98,7 +110,8 @@ class ReplayStats:
         dest = ", ".join(f"{t}: {n}" for t, n in sorted(self.by_destination.items())) or "-"
         return (
             f"read={self.read} written={self.written} filtered={self.filtered} "
-            f"skipped_sent={self.skipped_sent} new_generation={self.new_generation} "
+            f"skipped_sent={self.skipped_sent} skipped_redriven={self.skipped_redriven} "
+            f"new_generation={self.new_generation} "
             f"undecodable={self.undecodable} destinations=[{dest}]"
         )
 
@@ -266,13 +279,15 @@ def _one(
         stats.filtered += 1
         return
     if intent is not None:
-        state = _ledger_state(ledger, intent)
-        bump = options.force or state in (DeliveryState.REJECTED, DeliveryState.DEAD)
-        if state is DeliveryState.SENT and not options.force:
+        generation = _generation_to_write(intent, h.ERROR_CLASS in hdrs, options.force, ledger)
+        if generation is _Skip.SENT:
             stats.skipped_sent += 1
             return
-        if bump:
-            intent = _next_generation(intent, ledger)
+        if generation is _Skip.REDRIVEN:
+            stats.skipped_redriven += 1
+            return
+        if generation != intent.generation:
+            intent = replace(intent, generation=generation, created_at=datetime.now(UTC))
             value, ref = serde.encode(NOTIFICATION_INTENT, intent.to_avro())
             hdrs[h.SCHEMA] = ref
             stats.new_generation += 1
@@ -294,21 +309,64 @@ def _one(
             producer.poll(0.1)
 
 
-def _ledger_state(ledger: Ledger | None, intent: NotificationIntent) -> DeliveryState | None:
+class _Skip(Enum):
+    SENT = "the ledger has it (or its redrive) as sent"
+    REDRIVEN = "an earlier replay redrove it and the ledger has that outcome"
+
+
+def redrive_generation(failed: int) -> int:
+    """The generation a failed delivery of generation ``failed`` is redriven as: always the
+    next one, whatever the ledger has seen.
+
+    It is a function of the failed record alone (its notification id and generation are in
+    the dead letter's value), so it is deterministic: a generation fails at most once (REJECTED
+    and DEAD are final), hence every copy of its dead letter, every replay of them, and a
+    replay of the original intent from the channel topic all name the same redrive, with the
+    same idempotency key, which the sink's ledger skips once it is SENT. A redrive that fails
+    in turn is dead-lettered as that generation and redriven as the next. (Before, a replay
+    took the first generation the ledger had not seen, so a second replay of the same dead
+    letters sent everything the first had delivered again.)"""
+    return failed + 1
+
+
+def _generation_to_write(
+    intent: NotificationIntent, dead_letter: bool, force: bool, ledger: Ledger | None
+) -> int | _Skip:
+    """The generation to write ``intent`` as (its own: the sink decides), or why not to.
+
+    ``dead_letter``: the record is a dead letter (it carries herald-error-class), so the
+    delivery of its generation failed even if the ledger does not say so (``--no-ledger``)."""
+    if force:
+        return _unused_generation(intent, ledger)
+    state = _ledger_state(ledger, intent.notification_id, intent.generation)
+    if state is DeliveryState.SENT:
+        return _Skip.SENT
+    if not dead_letter and state not in (DeliveryState.REJECTED, DeliveryState.DEAD):
+        return intent.generation
+    redrive = redrive_generation(intent.generation)
+    done = _ledger_state(ledger, intent.notification_id, redrive)
+    if done is DeliveryState.SENT:
+        return _Skip.SENT
+    if done is not None:
+        # Failed again (its own dead letter redrives it further) or being retried.
+        return _Skip.REDRIVEN
+    return redrive
+
+
+def _ledger_state(ledger: Ledger | None, nid: str, generation: int) -> DeliveryState | None:
     if ledger is None:
         return None
-    entry = ledger.lookup([(intent.notification_id, intent.generation)]).get(
-        (intent.notification_id, intent.generation)
-    )
+    entry = ledger.lookup([(nid, generation)]).get((nid, generation))
     return entry.state if entry is not None else None
 
 
-def _next_generation(intent: NotificationIntent, ledger: Ledger | None) -> NotificationIntent:
-    """The first generation after ``intent``'s that the ledger has not seen."""
+def _unused_generation(intent: NotificationIntent, ledger: Ledger | None) -> int:
+    """For --force: the first generation after ``intent``'s that the ledger has not seen, so
+    each forced replay is a new delivery with its own idempotency key."""
     generation = intent.generation + 1
     while ledger is not None and ledger.lookup([(intent.notification_id, generation)]):
         generation += 1
-    return replace(intent, generation=generation, created_at=datetime.now(UTC))
+    return generation
 
 
 def print_progress(stats: ReplayStats, total: int) -> None:

@@ -80,6 +80,9 @@ class HeraldSettings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_token: SecretStr | None = None  # when set, /v1 requests need "Bearer <token>"
+    # How long an Idempotency-Key is remembered (in the ledger's database): a retry within
+    # it gets the first answer, a different request with the key is refused (422).
+    api_idempotency_retention_s: int = 86_400
 
     # Each channel's settings belong to its connector (connectors/<channel>.py), e.g.
     # HERALD_SMTP_* to EmailSettings.

@@ -9,6 +9,10 @@ second provider call for anything the ledger recorded.
 States (``DeliveryState``): SENT, REJECTED and DEAD are terminal; RETRYING means the last
 attempt failed and a retry record was written to a retry topic.
 
+The same database also keeps the HTTP API's idempotency keys (``claim_idempotency_key``):
+which request each key was first used for, so that a key reused with another request is
+refused instead of publishing a second, different notification under the first one's ids.
+
 Backends: SQLite (embedded default; WAL) and PostgreSQL (sinks on several hosts). Calls are
 synchronous; the sink serializes them on one thread of its own.
 """
@@ -21,7 +25,16 @@ from datetime import datetime
 
 from pipeline.records import DeliveryState
 
-__all__ = ["TERMINAL", "Ledger", "LedgerEntry", "LedgerError", "LedgerOutcome", "open_ledger"]
+__all__ = [
+    "TERMINAL",
+    "IdempotencyClaim",
+    "IdempotencyRecord",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerError",
+    "LedgerOutcome",
+    "open_ledger",
+]
 
 TERMINAL = frozenset({DeliveryState.SENT, DeliveryState.REJECTED, DeliveryState.DEAD})
 
@@ -67,6 +80,27 @@ class LedgerOutcome:
     at: datetime
 
 
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """What the API answered to the first request that used an Idempotency-Key."""
+
+    scope: str  # what the key is scoped to, e.g. "POST /v1/notifications"
+    key: str  # the client's Idempotency-Key
+    fingerprint: str  # of that request (method, path, canonical JSON body)
+    response: str  # the JSON body answered (the ids), replayed to a retry
+    created_at: datetime
+    completed_at: datetime | None  # when Kafka acknowledged the write; None until then
+
+
+@dataclass(frozen=True)
+class IdempotencyClaim:
+    record: IdempotencyRecord  # the stored record: this request's, or the first user's
+    created: bool  # True when this call stored it (the key was new, or had expired)
+
+    def matches(self, fingerprint: str) -> bool:
+        return self.record.fingerprint == fingerprint
+
+
 class Ledger(ABC):
     @abstractmethod
     def lookup(self, keys: list[Key]) -> dict[Key, LedgerEntry]:
@@ -85,6 +119,35 @@ class Ledger(ABC):
     @abstractmethod
     def offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
         """``group``'s next offsets for those partitions the ledger has one for."""
+
+    @abstractmethod
+    def claim_idempotency_key(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        response: str,
+        now: datetime,
+        expired_before: datetime,
+    ) -> IdempotencyClaim:
+        """In ONE transaction: forget ``(scope, key)`` if it was stored before
+        ``expired_before``; store it with this fingerprint and response unless it is stored;
+        return what is stored.
+
+        Two concurrent claims of one key (from any process) store exactly one record: the
+        other call gets that record back (``created`` False) and compares fingerprints."""
+
+    @abstractmethod
+    def complete_idempotency_key(
+        self, scope: str, key: str, fingerprint: str, at: datetime
+    ) -> None:
+        """Mark the request stored for ``(scope, key)`` as written to Kafka, if it is still
+        the one with ``fingerprint`` (a no-op otherwise). Called after Kafka acknowledged:
+        from then on a retry is answered from the ledger without writing again."""
+
+    @abstractmethod
+    def purge_idempotency_keys(self, expired_before: datetime) -> int:
+        """Delete the keys stored before ``expired_before``; returns how many."""
 
     @abstractmethod
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """The delivery ledger on PostgreSQL: for sinks on several hosts sharing a consumer group.
 
 One connection per ledger (psycopg 3, synchronous, autocommit off); every call is one
-transaction. The tables (``schema_version``, ``deliveries``, ``offsets``) live in the
+transaction. The tables (``schema_version``, ``deliveries``, ``offsets``,
+``idempotency_keys``) live in the
 connection's default schema (``search_path``) and are created on first use, under a
 transaction-scoped advisory lock so that sinks starting together do not race.
 
@@ -21,13 +22,23 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from pipeline.records import DeliveryState
-from pipeline.sink.ledger import TERMINAL, TP, Key, Ledger, LedgerEntry, LedgerError, LedgerOutcome
+from pipeline.sink.ledger import (
+    TERMINAL,
+    TP,
+    IdempotencyClaim,
+    IdempotencyRecord,
+    Key,
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+    LedgerOutcome,
+)
 
 __all__ = ["SCHEMA_VERSION", "PostgresLedger", "mask_url"]
 
-# Stored in schema_version.version. Bump it, and add a step to _migrate, when the schema
-# changes.
-SCHEMA_VERSION = 1
+# Stored in schema_version.version. Bump it, and add a step to _STEPS, when the schema
+# changes. 1: deliveries and offsets. 2: idempotency_keys (the HTTP API's).
+SCHEMA_VERSION = 2
 
 # pg_advisory_xact_lock key for schema creation and migration: any constant bigint that no
 # other application on the database uses ("herald" in ASCII).
@@ -43,7 +54,7 @@ _TERMINAL_SQL = "('DEAD', 'REJECTED', 'SENT')"
 if {DeliveryState(s) for s in ("DEAD", "REJECTED", "SENT")} != TERMINAL:  # pragma: no cover
     raise ImportError("ledger_postgres's terminal states differ from ledger.TERMINAL")
 
-_SCHEMA = (
+_SCHEMA_V1 = (
     """
     CREATE TABLE IF NOT EXISTS schema_version (
         singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -79,6 +90,26 @@ _SCHEMA = (
     """,
 )
 
+_SCHEMA_V2 = (
+    """
+    CREATE TABLE IF NOT EXISTS idempotency_keys (
+        scope           text        NOT NULL,
+        idempotency_key text        NOT NULL,
+        fingerprint     text        NOT NULL,
+        response        text        NOT NULL,
+        created_at      timestamptz NOT NULL,
+        completed_at    timestamptz,
+        PRIMARY KEY (scope, idempotency_key)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at)",
+)
+
+# The DDL that takes a ledger from version N-1 to N, for N = 1, 2, ...
+_STEPS = (_SCHEMA_V1, _SCHEMA_V2)
+if len(_STEPS) != SCHEMA_VERSION:  # pragma: no cover
+    raise ImportError("ledger_postgres: one schema step per version")
+
 # The stored row is kept (only attempts, first_attempt_at and updated_at may move) when it is
 # SENT, or when it is terminal and the incoming state is not.
 _KEEP = (
@@ -108,6 +139,27 @@ ON CONFLICT (group_id, topic, "partition") DO UPDATE SET
     next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),
     updated_at = CASE WHEN EXCLUDED.next_offset > o.next_offset
                       THEN EXCLUDED.updated_at ELSE o.updated_at END
+"""
+
+_FORGET_EXPIRED_KEY = """
+DELETE FROM idempotency_keys WHERE scope = %s AND idempotency_key = %s AND created_at < %s
+"""
+
+_INSERT_KEY = """
+INSERT INTO idempotency_keys (
+    scope, idempotency_key, fingerprint, response, created_at, completed_at
+) VALUES (%s, %s, %s, %s, %s, NULL)
+ON CONFLICT (scope, idempotency_key) DO NOTHING
+"""
+
+_SELECT_KEY = """
+SELECT scope, idempotency_key, fingerprint, response, created_at, completed_at
+FROM idempotency_keys WHERE scope = %s AND idempotency_key = %s
+"""
+
+_COMPLETE_KEY = """
+UPDATE idempotency_keys SET completed_at = %s
+WHERE scope = %s AND idempotency_key = %s AND fingerprint = %s AND completed_at IS NULL
 """
 
 _SELECT_DELIVERIES = """
@@ -184,6 +236,17 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
     )
 
 
+def _idempotency_record(row: Sequence[Any]) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        scope=row[0],
+        key=row[1],
+        fingerprint=row[2],
+        response=row[3],
+        created_at=row[4].astimezone(UTC),
+        completed_at=row[5].astimezone(UTC) if row[5] is not None else None,
+    )
+
+
 def _aware(value: datetime) -> datetime:
     # A naive datetime would be read in the session's TimeZone: refuse it rather than guess.
     if value.tzinfo is None or value.utcoffset() is None:
@@ -246,11 +309,12 @@ class PostgresLedger(Ledger):
                         f"the PostgreSQL ledger ({self.masked_url}) has schema version "
                         f"{version}; this Herald knows up to {SCHEMA_VERSION}"
                     )
-                if version < 1:
+                if version < SCHEMA_VERSION:
                     # Only DDL when needed: CREATE ... IF NOT EXISTS still needs the CREATE
                     # privilege, which a sink's role may rightly lack once the schema exists.
-                    for statement in _SCHEMA:
-                        cur.execute(statement)
+                    for step in _STEPS[version:]:
+                        for statement in step:
+                            cur.execute(statement)
                     cur.execute(
                         "INSERT INTO schema_version (version) VALUES (%s) "
                         "ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version",
@@ -344,6 +408,61 @@ class PostgresLedger(Ledger):
             if tp in wanted:
                 found[tp] = int(next_offset)
         return found
+
+    def claim_idempotency_key(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        response: str,
+        now: datetime,
+        expired_before: datetime,
+    ) -> IdempotencyClaim:
+        _aware(now)
+        _aware(expired_before)
+        with self._lock:
+            conn = self._connection()
+            try:
+                # READ COMMITTED: a concurrent claim's INSERT waits on this row's unique index
+                # entry until this transaction ends, then does nothing; its SELECT, a new
+                # statement, sees this row.
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute(_FORGET_EXPIRED_KEY, (scope, key, expired_before))
+                    cur.execute(_INSERT_KEY, (scope, key, fingerprint, response, now))
+                    inserted = cur.rowcount
+                    cur.execute(_SELECT_KEY, (scope, key))
+                    row = cur.fetchone()
+            except psycopg.Error as exc:
+                raise self._fail("idempotency key claim failed, nothing written", exc) from exc
+        if row is None:  # pragma: no cover - inserted or found in this transaction
+            raise LedgerError(f"idempotency key claim found no row for {scope}")
+        return IdempotencyClaim(_idempotency_record(row), created=inserted == 1)
+
+    def complete_idempotency_key(
+        self, scope: str, key: str, fingerprint: str, at: datetime
+    ) -> None:
+        _aware(at)
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute(_COMPLETE_KEY, (at, scope, key, fingerprint))
+            except psycopg.Error as exc:
+                raise self._fail("idempotency key completion failed", exc) from exc
+
+    def purge_idempotency_keys(self, expired_before: datetime) -> int:
+        _aware(expired_before)
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute(
+                        "DELETE FROM idempotency_keys WHERE created_at < %s", (expired_before,)
+                    )
+                    deleted = cur.rowcount
+            except psycopg.Error as exc:
+                raise self._fail("idempotency key purge failed", exc) from exc
+        return int(deleted)
 
     def close(self) -> None:
         with self._lock:

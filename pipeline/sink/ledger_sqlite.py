@@ -12,18 +12,30 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.records import DeliveryState
-from pipeline.sink.ledger import TERMINAL, TP, Key, Ledger, LedgerEntry, LedgerError, LedgerOutcome
+from pipeline.sink.ledger import (
+    TERMINAL,
+    TP,
+    IdempotencyClaim,
+    IdempotencyRecord,
+    Key,
+    Ledger,
+    LedgerEntry,
+    LedgerError,
+    LedgerOutcome,
+)
 
 __all__ = ["SCHEMA_VERSION", "SQLiteLedger"]
 
-# Stored in PRAGMA user_version. Bump it, and add a step to _migrate, when the schema changes.
-SCHEMA_VERSION = 1
+# Stored in PRAGMA user_version. Bump it, and add a step to _STEPS, when the schema changes.
+# 1: deliveries and offsets. 2: idempotency_keys (the HTTP API's).
+SCHEMA_VERSION = 2
 
 # How long a writer waits for another connection's write transaction before giving up.
 BUSY_TIMEOUT_MS = 30_000
@@ -39,7 +51,7 @@ _TERMINAL_SQL = "('DEAD', 'REJECTED', 'SENT')"
 if {DeliveryState(s) for s in ("DEAD", "REJECTED", "SENT")} != TERMINAL:  # pragma: no cover
     raise ImportError("ledger_sqlite's terminal states differ from ledger.TERMINAL")
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS deliveries (
     notification_id     TEXT    NOT NULL,
     generation          INTEGER NOT NULL,
@@ -65,6 +77,25 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (group_id, topic, "partition")
 ) WITHOUT ROWID;
 """
+
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope           TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    fingerprint     TEXT NOT NULL,
+    response        TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    completed_at    TEXT,
+    PRIMARY KEY (scope, idempotency_key)
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS idempotency_keys_created_at ON idempotency_keys (created_at);
+"""
+
+# The DDL that takes a ledger from version N-1 to N, for N = 1, 2, ...
+_STEPS = (_SCHEMA_V1, _SCHEMA_V2)
+if len(_STEPS) != SCHEMA_VERSION:  # pragma: no cover
+    raise ImportError("ledger_sqlite: one schema step per version")
 
 # The stored row is kept (only attempts, first_attempt_at and updated_at may move) when it is
 # SENT, or when it is terminal and the incoming state is not.
@@ -96,6 +127,27 @@ ON CONFLICT (group_id, topic, "partition") DO UPDATE SET
     next_offset = MAX(offsets.next_offset, excluded.next_offset),
     updated_at = CASE WHEN excluded.next_offset > offsets.next_offset
                       THEN excluded.updated_at ELSE offsets.updated_at END
+"""
+
+_FORGET_EXPIRED_KEY = """
+DELETE FROM idempotency_keys WHERE scope = ? AND idempotency_key = ? AND created_at < ?
+"""
+
+_INSERT_KEY = """
+INSERT INTO idempotency_keys (
+    scope, idempotency_key, fingerprint, response, created_at, completed_at
+) VALUES (?, ?, ?, ?, ?, NULL)
+ON CONFLICT (scope, idempotency_key) DO NOTHING
+"""
+
+_SELECT_KEY = """
+SELECT scope, idempotency_key, fingerprint, response, created_at, completed_at
+FROM idempotency_keys WHERE scope = ? AND idempotency_key = ?
+"""
+
+_COMPLETE_KEY = """
+UPDATE idempotency_keys SET completed_at = ?
+WHERE scope = ? AND idempotency_key = ? AND fingerprint = ? AND completed_at IS NULL
 """
 
 _SELECT_DELIVERIES = """
@@ -133,6 +185,17 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
         provider_message_id=row[8],
         first_attempt_at=_dt(row[9]),
         updated_at=_dt(row[10]),
+    )
+
+
+def _idempotency_record(row: Sequence[Any]) -> IdempotencyRecord:
+    return IdempotencyRecord(
+        scope=row[0],
+        key=row[1],
+        fingerprint=row[2],
+        response=row[3],
+        created_at=_dt(row[4]),
+        completed_at=_dt(row[5]) if row[5] is not None else None,
     )
 
 
@@ -213,10 +276,11 @@ class SQLiteLedger(Ledger):
                         f"the SQLite ledger at {self.path} has schema version {version}; "
                         f"this Herald knows up to {SCHEMA_VERSION}"
                     )
-                if version < 1:
-                    for statement in _SCHEMA.split(";"):
+                for step in _STEPS[version:]:
+                    for statement in step.split(";"):
                         if statement.strip():
                             self._conn.execute(statement)
+                if version < SCHEMA_VERSION:
                     self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -317,6 +381,59 @@ class SQLiteLedger(Ledger):
             if tp in wanted:
                 found[tp] = int(next_offset)
         return found
+
+    def claim_idempotency_key(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        response: str,
+        now: datetime,
+        expired_before: datetime,
+    ) -> IdempotencyClaim:
+        created_at, cutoff = _ts(now), _ts(expired_before)
+        # BEGIN IMMEDIATE takes the write lock first: a claim from another connection waits
+        # (busy_timeout) until this one committed, then finds this row.
+        with self._write("idempotency key claim failed, nothing written") as conn:
+            conn.execute(_FORGET_EXPIRED_KEY, (scope, key, cutoff))
+            inserted = conn.execute(
+                _INSERT_KEY, (scope, key, fingerprint, response, created_at)
+            ).rowcount
+            row = conn.execute(_SELECT_KEY, (scope, key)).fetchone()
+        return IdempotencyClaim(_idempotency_record(row), created=inserted == 1)
+
+    def complete_idempotency_key(
+        self, scope: str, key: str, fingerprint: str, at: datetime
+    ) -> None:
+        done = _ts(at)
+        with self._write("idempotency key completion failed") as conn:
+            conn.execute(_COMPLETE_KEY, (done, scope, key, fingerprint))
+
+    def purge_idempotency_keys(self, expired_before: datetime) -> int:
+        cutoff = _ts(expired_before)
+        with self._write("idempotency key purge failed") as conn:
+            deleted = conn.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ?", (cutoff,)
+            ).rowcount
+        return int(deleted)
+
+    @contextmanager
+    def _write(self, failure: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed when the block ends, rolled back
+        (and raised as LedgerError starting with ``failure``) when it raises."""
+        with self._lock:
+            try:
+                self._check_open()
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{failure}: {exc}") from exc
 
     def _check_open(self) -> None:
         if self._closed:

@@ -23,6 +23,7 @@ import pytest
 from pipeline.records import DeliveryState
 from pipeline.sink.ledger import Ledger, LedgerEntry, LedgerError, LedgerOutcome, open_ledger
 from pipeline.sink.ledger_postgres import PostgresLedger, mask_url
+from pipeline.sink.ledger_sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from pipeline.sink.ledger_sqlite import SQLiteLedger
 from tests.conftest import free_port
 
@@ -474,7 +475,7 @@ def test_open_ledger_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert (tmp_path / "abs" / "ledger.db").is_file()
         with sqlite3.connect(tmp_path / "abs" / "ledger.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SQLITE_SCHEMA_VERSION
         conn.close()
     finally:
         relative.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.publisher import Publisher, _parse_timestamps
+from pipeline.publisher import OversizedRecordError, Publisher, _parse_timestamps
 from pipeline.schemas import SchemaError, SchemaSet
 from pipeline.serialization import AvroSerde
 from pipeline.settings import HeraldSettings
@@ -63,3 +63,26 @@ def test_iso_timestamps_are_parsed(schemas: SchemaSet, text: str, expected: date
     assert out["expires_at"] == expected
     assert out["email"] == text  # a string field stays a string
     assert record["expires_at"] == text  # the input is not modified
+
+
+USER = {"user_id": "u-1", "email": "a@example.com", "display_name": "A"}
+
+
+def test_prepare_counts_value_key_and_headers(serde: AvroSerde) -> None:
+    roomy = Publisher(HeraldSettings(), producer_name="unit", serde=serde)
+    event, record = roomy.prepare("user-registered", USER)
+    headers = sum(len(k) + len(v or b"") for k, v in record.headers)
+    assert record.size == len(record.value) + len(b"u-1") + headers
+    assert record.key == event.key == "u-1"
+    fixed = {"event_id": event.event_id, "producer": "unit", "traceparent": "00-" + "a" * 52}
+    envelope = {"envelope": {**fixed, "occurred_at": "2025-03-01T12:00:00Z"}}
+    sized = roomy.prepare("user-registered", {**USER, **envelope})[1].size
+
+    exact = Publisher(HeraldSettings(max_record_bytes=sized), serde=serde)
+    exact.prepare("user-registered", {**USER, **envelope})  # at the limit: accepted
+    # One byte less: the value alone would fit, value, key and headers do not.
+    tight = Publisher(HeraldSettings(max_record_bytes=sized - 1), serde=serde)
+    with pytest.raises(OversizedRecordError, match=f"{sized} bytes encoded") as err:
+        tight.prepare("user-registered", {**USER, **envelope})
+    assert (err.value.size, err.value.limit) == (sized, sized - 1)
+    assert len(record.value) < sized - 1
