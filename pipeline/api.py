@@ -51,11 +51,11 @@ from aiohttp import web
 
 from pipeline import headers as h
 from pipeline.publisher import (
-    CONTENT_TYPE,
     OutgoingRecord,
     OversizedRecordError,
     Publisher,
     PublishError,
+    new_traceparent,
 )
 from pipeline.records import NOTIFICATION_INTENT, NotificationIntent, notification_id
 from pipeline.schemas import SchemaError
@@ -157,6 +157,11 @@ def _bearer(authorization: str) -> bytes | None:
         return None
 
 
+def _traceparent(request: web.Request) -> str:
+    """The request's W3C traceparent header when valid, else a new trace."""
+    return h.valid_traceparent(request.headers.get("traceparent")) or new_traceparent()
+
+
 @functools.cache
 def _channels() -> list[str]:
     """The installed connectors' channels (read once: packages do not change under a running
@@ -255,6 +260,7 @@ class NotificationApi:
             seed = f"event:{event_type}:{idem.ids_seed()}"
             envelope.setdefault("event_id", str(uuid.uuid5(_API_NS, seed)))
         envelope.setdefault("producer", request.headers.get("X-Producer", "http-api"))
+        envelope.setdefault("traceparent", _traceparent(request))
         body["envelope"] = envelope
         try:
             event, record = self.publisher.prepare(event_type, body)
@@ -304,18 +310,20 @@ class NotificationApi:
             user_id=body.get("user_id"),
             data={str(k): str(v) for k, v in data.items()},
             created_at=datetime.now(UTC),
+            # The caller's trace continues through the notification (W3C Trace Context).
+            traceparent=_traceparent(request),
         )
         try:
             value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
         except RecordValidationError as e:
             return _problem(422, "Invalid Notification", str(e), fields=e.fields)
-        hdrs: h.Headers = [
-            (h.EVENT_TYPE, b"direct"),
-            (h.EVENT_ID, event_id.encode()),
-            (h.NOTIFICATION_ID, intent.notification_id.encode()),
-            (h.CONTENT_TYPE, CONTENT_TYPE.encode()),
-            (h.SCHEMA, ref.encode()),
-        ]
+        hdrs = h.for_record(
+            schema_ref=ref,
+            event_type="direct",
+            event_id=event_id,
+            notification_id=intent.notification_id,
+            traceparent=intent.traceparent,
+        )
         record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
         try:
             self.publisher.check_size(record)
@@ -468,7 +476,7 @@ def create_api(settings: HeraldSettings, ledger: Ledger | None = None) -> web.Ap
             await task
 
     async def close(app: web.Application) -> None:
-        await asyncio.to_thread(api.publisher.flush, 10)
+        await asyncio.to_thread(api.publisher.close, 10)
         api.ledger.close()
 
     app.cleanup_ctx.append(purge)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ATTEMPTS",
+    "AVRO",
     "CONTENT_TYPE",
     "ERROR_CLASS",
     "ERROR_MESSAGE",
@@ -24,8 +27,10 @@ __all__ = [
     "TRUNCATED",
     "Headers",
     "as_dict",
+    "for_record",
     "header_value",
     "pairs",
+    "valid_traceparent",
 ]
 
 EVENT_TYPE = "herald-event-type"
@@ -55,6 +60,46 @@ LAST_FAILED_AT = "herald-last-failed-at"
 
 # What both Kafka clients take and return; values we write are UTF-8 bytes.
 Headers = list[tuple[str, str | bytes | None]]
+
+AVRO = "application/avro"  # the content-type of every record Herald writes
+
+
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def valid_traceparent(value: str | None) -> str | None:
+    """``value`` if it is a W3C traceparent (version 00, non-zero ids), else None."""
+    if not value or not _TRACEPARENT.fullmatch(value):
+        return None
+    _, trace_id, span_id, _ = value.split("-")
+    if set(trace_id) == {"0"} or set(span_id) == {"0"}:
+        return None
+    return value
+
+
+def for_record(
+    *,
+    schema_ref: str,
+    event_type: str | None = None,
+    event_id: str | None = None,
+    notification_id: str | None = None,
+    traceparent: str | None = None,
+) -> Headers:
+    """The headers of a record Herald writes (events, intents, statuses): whatever ids it
+    has, its content type and schema, and the trace context, so that every producer writes
+    the same set and console tools show them as text."""
+    hdrs: Headers = []
+    if event_type:
+        hdrs.append((EVENT_TYPE, event_type.encode()))
+    if event_id:
+        hdrs.append((EVENT_ID, event_id.encode()))
+    if notification_id:
+        hdrs.append((NOTIFICATION_ID, notification_id.encode()))
+    hdrs.append((CONTENT_TYPE, AVRO.encode()))
+    hdrs.append((SCHEMA, schema_ref.encode()))
+    if traceparent:
+        hdrs.append((TRACEPARENT, traceparent.encode()))
+    return hdrs
 
 
 def pairs(raw: object) -> Headers:

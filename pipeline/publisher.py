@@ -38,7 +38,7 @@ __all__ = [
     "new_traceparent",
 ]
 
-CONTENT_TYPE = "application/avro"
+CONTENT_TYPE = h.AVRO
 
 
 class PublishError(RuntimeError):
@@ -129,6 +129,7 @@ class Publisher:
         """Wait for outstanding events, then close the schema registry client, if any."""
         if self._client is not None:
             self._client.flush(timeout)
+            self._client = None  # librdkafka's threads end when the client is released
         self.serde.close()
 
     def build(self, event_type: str, data: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
@@ -157,14 +158,12 @@ class Publisher:
         envelope = record["envelope"]
         event_id = str(envelope["event_id"])
         topic = self.topics.events(et.domain)
-        hdrs: h.Headers = [
-            (h.EVENT_TYPE, et.name.encode()),
-            (h.EVENT_ID, event_id.encode()),
-            (h.CONTENT_TYPE, CONTENT_TYPE.encode()),
-            (h.SCHEMA, schema_ref.encode()),
-        ]
-        if envelope.get("traceparent"):
-            hdrs.append((h.TRACEPARENT, str(envelope["traceparent"]).encode()))
+        hdrs = h.for_record(
+            schema_ref=schema_ref,
+            event_type=et.name,
+            event_id=event_id,
+            traceparent=envelope.get("traceparent"),
+        )
         out = self.check_size(OutgoingRecord(topic, key, value, hdrs))
         return PublishedEvent(et.name, event_id, topic, key), out
 

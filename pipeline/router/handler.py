@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 
 from pipeline import headers as h
 from pipeline.deadletter import dead_letter, record_size
-from pipeline.publisher import CONTENT_TYPE
 from pipeline.records import NOTIFICATION_INTENT
 from pipeline.router.mapping import RoutingError, route
 from pipeline.router.rules import RuleSet
@@ -111,15 +110,13 @@ class RouterHandler:
                 raise
             except Exception as e:  # e.g. a rendered field the schema does not take
                 return [self._dead(key, value, headers, topic, partition, offset, e, intent.rule)]
-            hdrs: h.Headers = [
-                (h.EVENT_TYPE, intent.event_type.encode()),
-                (h.EVENT_ID, intent.event_id.encode()),
-                (h.NOTIFICATION_ID, intent.notification_id.encode()),
-                (h.CONTENT_TYPE, CONTENT_TYPE.encode()),
-                (h.SCHEMA, schema_ref.encode()),
-            ]
-            if intent.traceparent:
-                hdrs.append((h.TRACEPARENT, intent.traceparent.encode()))
+            hdrs = h.for_record(
+                schema_ref=schema_ref,
+                event_type=intent.event_type,
+                event_id=intent.event_id,
+                notification_id=intent.notification_id,
+                traceparent=intent.traceparent,
+            )
             out_key = intent.recipient.encode()
             size = record_size(out_key, encoded, hdrs)
             if size > self.max_record_bytes:

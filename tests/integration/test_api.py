@@ -328,3 +328,37 @@ async def test_bad_requests_get_problem_documents(bare: Bare) -> None:
         r = await http.get(f"{api}/healthz")
         assert r.status == 200
     assert bare.records(bare.topics.notifications("email")) == []
+
+
+async def test_the_callers_trace_context_travels_on_every_record(bare: Bare) -> None:
+    """A W3C traceparent on the request is on the event and the intent the API writes (in
+    the record and its header); without one, each record starts a trace of its own."""
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    event = {"user_id": "u-tp", "email": "ada@example.com", "display_name": "Ada"}
+    async with aiohttp.ClientSession(headers=AUTH) as http:
+        r = await http.post(
+            f"{bare.url}/v1/notifications",
+            json=direct("ada@example.com"),
+            headers={"traceparent": tp},
+        )
+        assert r.status == 202, await r.text()
+        r = await http.post(
+            f"{bare.url}/v1/events/user-registered", json=event, headers={"traceparent": tp}
+        )
+        assert r.status == 202, await r.text()
+        r = await http.post(f"{bare.url}/v1/notifications", json=direct("bob@example.com"))
+        assert r.status == 202, await r.text()
+
+    serde = serde_from_settings(bare.settings)
+    intents = bare.records(bare.topics.notifications("email"))
+    by_recipient = {
+        serde.decode(m.value(), expect=NOTIFICATION_INTENT).record["recipient"]: m for m in intents
+    }
+    traced = by_recipient["ada@example.com"]
+    assert h.as_dict(traced.headers())[h.TRACEPARENT] == tp
+    assert serde.decode(traced.value()).record["traceparent"] == tp
+    untraced = h.as_dict(by_recipient["bob@example.com"].headers())[h.TRACEPARENT]
+    assert h.valid_traceparent(untraced) and untraced != tp
+    [ev] = bare.records(bare.topics.events("user"))
+    assert h.as_dict(ev.headers())[h.TRACEPARENT] == tp
+    assert serde.decode(ev.value()).record["envelope"]["traceparent"] == tp
