@@ -286,16 +286,23 @@ def test_poison_intents_are_dead_lettered_and_the_partition_keeps_flowing(
     assert len({p for p, _ in where.values()}) == 1  # one partition, marker last
 
     assert pipeline.smtp.wait_for(1, marker["email"], timeout=WAIT), pipeline.sink.tail()
-    dead = {
-        (d[h.ORIGINAL_PARTITION], d[h.ORIGINAL_OFFSET]): d
-        for d in (
-            h.as_dict(m.headers())
-            for m in read_all(
-                pipeline.settings.kafka_bootstrap_servers,
-                pipeline.topics.notifications_dlq("email"),
+    # Records of one partition are sent concurrently (its window): the marker can arrive
+    # before the dead letters of the records ahead of it are written.
+    deadline = time.monotonic() + WAIT
+    while True:
+        dead = {
+            (d[h.ORIGINAL_PARTITION], d[h.ORIGINAL_OFFSET]): d
+            for d in (
+                h.as_dict(m.headers())
+                for m in read_all(
+                    pipeline.settings.kafka_bootstrap_servers,
+                    pipeline.topics.notifications_dlq("email"),
+                )
             )
-        )
-    }
+        }
+        if len(dead) >= len(where) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for name, (partition, offset) in where.items():
         d = dead.get((str(partition), str(offset)))
         assert d is not None, f"{name} not dead-lettered: {sorted(dead)}"
