@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devtools.procs import free_port
+
 __all__ = ["Nginx", "SmtpSink", "free_port", "wait_port", "wrk_rate"]
 
 NGINX_CONF = """\
@@ -50,12 +52,6 @@ http {{
     }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

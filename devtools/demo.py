@@ -8,15 +8,12 @@ published, and what the SMTP server received is printed.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from devtools.procs import HeraldProcess, herald_env
 from devtools.smtp_catcher import SmtpCatcher
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.local import KafkaNotProvisionedError, LocalKafka
@@ -83,29 +80,21 @@ def run_demo(base: HeraldSettings) -> int:
                 update={
                     "kafka_bootstrap_servers": kafka.bootstrap_servers,
                     "router_data_dir": home / "router",
+                    "ledger_url": f"sqlite:///{home / 'ledger.db'}",
                 }
             )
             ensure_topics(settings)
-            env = {
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-                "HERALD_SMTP_HOST": "127.0.0.1",
-                "HERALD_SMTP_PORT": str(smtp.port),
-                "HERALD_SMTP_SECURITY": "none",
-                "HERALD_ROUTER_DATA_DIR": str(home / "router"),
-                "HERALD_LEDGER_URL": f"sqlite:///{home / 'ledger.db'}",
-                "HERALD_TOPIC_PREFIX": settings.topic_prefix,
-            }
-            log_path = home / "herald-run-all.log"
+            env = herald_env(
+                settings,
+                HERALD_SMTP_HOST="127.0.0.1",
+                HERALD_SMTP_PORT=str(smtp.port),
+                HERALD_SMTP_SECURITY="none",
+            )
+            router = HeraldProcess("herald-run-all", ["run", "all", "email"], env, home)
+            log_path = router.log
+            log_path.unlink(missing_ok=True)
             _say(f"starting the router and the email sink: herald run all (log: {log_path})")
-            with open(log_path, "wb") as log:
-                router = subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.cli", "run", "all", "email"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            router.start()
             publisher = Publisher(settings, producer_name="demo-shop")
             for event_type, data in SAMPLE_EVENTS:
                 ev = publisher.publish_sync(event_type, data)
@@ -124,8 +113,9 @@ def run_demo(base: HeraldSettings) -> int:
             )
 
             received = smtp.wait_for(len(SAMPLE_EVENTS), timeout=90)
-            if router.poll() is not None:
-                _say(f"herald run all exited with {router.returncode}; see {log_path}")
+            if not router.alive():
+                assert router.proc is not None  # noqa: S101 - started above
+                _say(f"herald run all exited with {router.proc.returncode}; see {log_path}")
                 return 1
             _say(f"delivered {len(received)} of {len(SAMPLE_EVENTS)} emails:")
             for m in received:
@@ -141,12 +131,8 @@ def run_demo(base: HeraldSettings) -> int:
         _say(str(e))
         return 1
     finally:
-        if router is not None and router.poll() is None:
-            os.killpg(router.pid, signal.SIGTERM)
-            try:
-                router.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(router.pid, signal.SIGKILL)
+        if router is not None:
+            router.stop(timeout=30)
         kafka.stop()
         shutil.rmtree(home / "kafka" / "data", ignore_errors=True)
         _say("stopped the pipeline and the broker")

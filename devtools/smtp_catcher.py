@@ -12,13 +12,14 @@ from __future__ import annotations
 import email
 import email.policy
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+from devtools.procs import free_port as _free_port
 
 __all__ = ["CaughtMessage", "SmtpCatcher"]
 
@@ -36,12 +37,6 @@ class CaughtMessage:
     def text_body(self) -> str:
         part = self.message.get_body(preferencelist=("plain",))
         return str(part.get_content()) if part is not None else ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SmtpCatcher:

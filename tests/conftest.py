@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,14 +19,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from devtools.procs import free_port
 from pipeline.settings import HeraldSettings, project_root
 from tests import pg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _docker_available() -> bool:

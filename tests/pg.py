@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+
+from devtools.procs import free_port as _free_port
 
 __all__ = ["ENV_URL", "PostgresUnavailable", "find_bindir", "postgres_server"]
 
@@ -53,12 +54,6 @@ def find_bindir() -> Path | None:
     if on_path and shutil.which("pg_ctl"):
         return Path(on_path).resolve().parent
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_server_user(argv: list[str]) -> list[str]:

@@ -5,7 +5,6 @@ and the connection pool."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -20,18 +19,13 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from connectors.base import DeliveryResult, Outcome
 from connectors.email import EmailConnector, EmailSettings
+from devtools.procs import free_port
 from devtools.smtp_catcher import SmtpCatcher
 from pipeline.records import NotificationIntent, notification_id
 
 SENDER = "Herald <notifications@herald.localhost>"
 DOMAIN = "herald.localhost"
 PASSWORD = "pw-Tr0ub4dor&3-never-log-me"  # noqa: S105 - a test credential
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def settings(port: int, **kw: Any) -> EmailSettings:

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from connectors.webpush import (
     generate_vapid_key,
     topic_for,
 )
+from devtools.procs import free_port
 from pipeline.records import NotificationIntent, notification_id
 from pipeline.settings import project_root
 from tests.connectors.pushservice import (
@@ -72,12 +72,6 @@ SECRETS = (VAPID_RAW, VAPID_DER, VAPID_PEM.splitlines()[1])
 # Keys of a browser subscription that is never called (for recipients refused before sending).
 _OTHER = ec.generate_private_key(ec.SECP256R1())
 KEYS = {"p256dh": b64url(public_point(_OTHER)), "auth": b64url(os.urandom(16))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def settings(**kw: Any) -> WebPushSettings:

@@ -12,19 +12,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from devtools.cluster import LocalKafkaCluster
+from devtools.procs import free_ports as _free_ports
 from pipeline.settings import project_root
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def _free_ports(n: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < n:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
 
 
 def _produce(producer: Producer, topic: str, numbers: range) -> None:
