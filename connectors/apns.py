@@ -5,6 +5,11 @@
   alert``, ``apns-priority: 10``, ``apns-expiration`` (now + ``HERALD_APNS_TTL_S``; 0 means
   deliver now or never) and ``apns-id``: the intent's idempotency key. ``apns-id`` is APNs'
   own notification id, so the one a resend carries is the one the first attempt had.
+- Hosts: ``api.push.apple.com`` or ``api.sandbox.push.apple.com`` (``HERALD_APNS_BASE_URL``,
+  the operator's choice; tests point it at a local server); the device token from the
+  intent only fills the path. Nothing in an intent chooses where a request goes, so APNs
+  needs no SSRF guard, and it keeps httpx: aiohttp, which the other HTTP connectors use
+  (connectors/http.py), has no HTTP/2 client, and APNs speaks nothing else.
 - Token-based authentication: ``authorization: bearer`` an ES256 JWT (header ``kid`` the key
   id, claims ``iss`` the team id and ``iat``) signed with the .p8 key. Apple wants it renewed
   between every 20 and 60 minutes; it is reused for ``token_refresh_s`` (50 minutes), and

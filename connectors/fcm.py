@@ -8,6 +8,10 @@
   firebase.messaging, ``aud`` the token URI) posted to ``token_uri``. The token is cached
   until shortly before ``expires_in`` runs out and shared by concurrent sends (one request
   fetches it); a 401 makes the connector fetch a new one and try once more.
+- Hosts: Google's (``HERALD_FCM_BASE_URL``, the key's ``token_uri``), both from the
+  operator's configuration; nothing in an intent chooses where a request goes (the
+  registration token travels in the JSON body). So FCM's HTTP client (connectors/http.py)
+  has no SSRF guard.
 - FCM has no idempotency key: the v1 API takes none, so a resend after a crash (accepted by
   FCM, not yet recorded by the sink) can reach the device twice. ``notification_id`` in the
   data lets the app drop it.
@@ -33,13 +37,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode
 
-import httpx
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
-from connectors.http import parse_retry_after
+from connectors.http import Answer, HttpClient
 from pipeline.records import NotificationIntent
 
 if TYPE_CHECKING:
@@ -54,6 +58,7 @@ _ASSERTION_LIFETIME_S = 3600  # Google's maximum for a JWT-bearer assertion
 _FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 # A registration token: printable ASCII, no spaces (FCM's are base64url with a ':').
 _TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
+_ANSWER_BYTES = 64 * 1024  # FCM's and the token endpoint's answers are small JSON
 
 _REJECTED = {
     "UNREGISTERED": "RecipientGone",
@@ -172,20 +177,13 @@ class FcmConnector(Connector):
         self.account = load_service_account(config)
         base = config.base_url.rstrip("/")
         self._url = f"{base}/v1/projects/{self.account.project_id}/messages:send"
-        self._client: httpx.AsyncClient | None = None
+        self._http = HttpClient(
+            connect_timeout_s=config.connect_timeout_s, read_timeout_s=config.read_timeout_s
+        )
         self._token: _Token | None = None
         self._token_lock = asyncio.Lock()
         self._fetched = 0  # token requests answered, to tell waiters one failed meanwhile
         self._fetch_error: str | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.config
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(c.read_timeout_s, connect=c.connect_timeout_s),
-                follow_redirects=False,
-            )
-        return self._client
 
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
         if not _TOKEN.fullmatch(intent.recipient):
@@ -202,27 +200,32 @@ class FcmConnector(Connector):
                 "data": {**intent.data, "notification_id": intent.notification_id},
             }
         }
-        rejected_token: str | None = None
-        for _ in range(2):
-            try:
-                token = await self._access_token(rejected_token)
-            except TokenError as e:
-                return DeliveryResult.retryable("TokenRequestFailed", str(e))
-            try:
-                response = await self._http().post(
-                    self._url, json=message, headers={"Authorization": f"Bearer {token}"}
-                )
-            except httpx.HTTPError as e:
-                return DeliveryResult.retryable(type(e).__name__, str(e) or type(e).__name__)
-            if response.status_code != 401 or _error(response)[0] == "THIRD_PARTY_AUTH_ERROR":
-                break
-            rejected_token = token  # expired or revoked early: fetch another, once
-        return _outcome(response)
+        body = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
+            token = await self._access_token()
+            answer = await self._post(body, token)
+            if (
+                isinstance(answer, Answer)
+                and answer.status == 401
+                and _error(answer)[0] != "THIRD_PARTY_AUTH_ERROR"
+            ):  # the token expired or was revoked early: fetch another, once
+                token = await self._access_token(rejected=token)
+                answer = await self._post(body, token)
+        except TokenError as e:
+            return DeliveryResult.retryable("TokenRequestFailed", str(e))
+        return answer if isinstance(answer, DeliveryResult) else _outcome(answer)
+
+    async def _post(self, body: bytes, token: str) -> Answer | DeliveryResult:
+        return await self._http.request(
+            "POST",
+            self._url,
+            body=body,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            max_answer_bytes=_ANSWER_BYTES,
+        )
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     # -- OAuth 2 --------------------------------------------------------------------------
 
@@ -270,24 +273,25 @@ class FcmConnector(Connector):
 
     async def _fetch_token(self) -> _Token:
         started = time.monotonic()
-        try:
-            response = await self._http().post(
-                self.account.token_uri,
-                data={"grant_type": _GRANT, "assertion": self.assertion()},
-                headers={"Accept": "application/json"},
-            )
-        except httpx.HTTPError as e:
-            raise TokenError(f"token endpoint: {type(e).__name__} {e}".strip()) from None
-        try:
-            answer = json.loads(response.content)
-        except ValueError:
-            answer = None
+        response = await self._http.request(
+            "POST",
+            self.account.token_uri,
+            body=urlencode({"grant_type": _GRANT, "assertion": self.assertion()}).encode(),
+            headers={
+                "Accept": "application/json",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+            max_answer_bytes=_ANSWER_BYTES,
+        )
+        if isinstance(response, DeliveryResult):
+            raise TokenError(f"token endpoint: {response.error_class} {response.response}")
+        answer = response.json()
         if not isinstance(answer, dict):
             answer = {}
-        if response.status_code != 200:
-            error = answer.get("error") or response.reason_phrase
+        if response.status != 200:
+            error = answer.get("error") or response.reason
             detail = answer.get("error_description")
-            text = f"token endpoint {response.status_code} {error}"
+            text = f"token endpoint {response.status} {error}"
             raise TokenError(f"{text}: {detail}" if detail else text)
         value, expires_in = answer.get("access_token"), answer.get("expires_in", 3600)
         if not isinstance(value, str) or not value or not isinstance(expires_in, int | float):
@@ -297,16 +301,13 @@ class FcmConnector(Connector):
         return _Token(value, started + lifetime - min(300.0, lifetime / 2))
 
 
-def _error(response: httpx.Response) -> tuple[str | None, str | None, str]:
+def _error(response: Answer) -> tuple[str | None, str | None, str]:
     """(FcmError code, status, message) of an error answer; Nones when it has no such
     body."""
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        return None, None, response.reason_phrase
+    body = response.json()
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
-        return None, None, response.reason_phrase
+        return None, None, response.reason
     code = None
     for detail in error.get("details") or []:
         if isinstance(detail, dict) and detail.get("@type") == _FCM_ERROR:
@@ -315,17 +316,14 @@ def _error(response: httpx.Response) -> tuple[str | None, str | None, str]:
     return (
         code if isinstance(code, str) else None,
         status if isinstance(status, str) else None,
-        str(error.get("message") or response.reason_phrase),
+        str(error.get("message") or response.reason),
     )
 
 
-def _outcome(response: httpx.Response) -> DeliveryResult:
-    status = response.status_code
+def _outcome(response: Answer) -> DeliveryResult:
+    status = response.status
     if 200 <= status < 300:
-        try:
-            body = json.loads(response.content)
-        except ValueError:
-            body = None
+        body = response.json()
         name = body.get("name") if isinstance(body, dict) else None
         if not isinstance(name, str):
             return DeliveryResult.sent(f"{status} with an unreadable body, taken as sent")
@@ -336,17 +334,13 @@ def _outcome(response: httpx.Response) -> DeliveryResult:
         if key in _REJECTED:
             return DeliveryResult.rejected(_REJECTED[key], text)
         if key in _RETRYABLE:
-            return DeliveryResult.retryable(_RETRYABLE[key], text, _retry_after(response))
+            return DeliveryResult.retryable(_RETRYABLE[key], text, response.retry_after)
     name = code or state
     error_class = _camel(name) if name else f"HTTP{status}"
     if status in (401, 403, 429) or status >= 500:
-        return DeliveryResult.retryable(error_class, text, _retry_after(response))
+        return DeliveryResult.retryable(error_class, text, response.retry_after)
     return DeliveryResult.rejected(error_class, text)
 
 
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    return parse_retry_after(response.headers.get("retry-after"))

@@ -30,13 +30,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpcore
-import httpx
+import aiohttp
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 from connectors.base import Connector, DeliveryResult
-from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
+from connectors.http import Answer, HttpClient
+from connectors.ssrf import AddressGuard, Resolver, split_hosts
 from pipeline.records import NotificationIntent
 
 __all__ = ["SlackConnector", "SlackSettings", "message"]
@@ -97,26 +98,34 @@ class SlackConnector(Connector):
         config: SlackSettings,
         *,
         resolver: Resolver | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
+        socket_factory: aiohttp.SocketFactoryType | None = None,
     ) -> None:
-        """``resolver`` and ``network_backend`` replace the system resolver and the socket
-        layer under the SSRF guard (tests use them to observe where connections go)."""
+        """``resolver`` and ``socket_factory`` replace the system resolver under the SSRF
+        guard and the making of sockets (tests use them to observe where connections go)."""
         self.config = config
         self._guard = AddressGuard(config.allow_hosts, resolver)
         base = config.base_url if config.base_url.endswith("/") else config.base_url + "/"
         try:
-            self._base = httpx.URL(base)
-        except httpx.InvalidURL as e:
+            self._base = URL(base)
+        except (ValueError, TypeError) as e:
             raise ValueError(f"HERALD_SLACK_BASE_URL is not a URL: {e}") from None
-        if self._base.scheme not in ("https", "http") or not self._base.host:
+        if self._base.scheme not in ("https", "http") or not self._base.raw_host:
             raise ValueError("HERALD_SLACK_BASE_URL must be an https:// URL")
-        if self._base.scheme == "http" and not self._guard.allowlisted(self._base.host):
+        if self._base.scheme == "http" and not self._guard.allowlisted(self._base.raw_host):
             raise ValueError(
                 "HERALD_SLACK_BASE_URL must be https:// (http:// only for a host in "
                 "HERALD_SLACK_ALLOW_HOSTS)"
             )
-        self._backend = network_backend
-        self._pool = LazyGuardedClient(self._guard, config, network_backend)
+        self._http = HttpClient(
+            guard=self._guard,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            total_timeout_s=config.total_timeout_s,
+            max_connections=config.max_connections,
+            ca_file=config.ca_file,
+            headers={"user-agent": config.user_agent},
+            socket_factory=socket_factory,
+        )
 
     def describe_recipient(self, recipient: str) -> str:
         """An incoming-webhook URL is a credential: statuses and the ledger get the host and
@@ -148,13 +157,8 @@ class SlackConnector(Connector):
             )
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        answer = await post(
-            self._http(),
-            url,
-            content,
-            headers,
-            deadline_s=self.config.total_timeout_s,
-            max_answer_bytes=self.max_answer_bytes,
+        answer = await self._http.request(
+            "POST", url, body=content, headers=headers, max_answer_bytes=self.max_answer_bytes
         )
         if isinstance(answer, DeliveryResult):
             return answer
@@ -162,38 +166,37 @@ class SlackConnector(Connector):
         return outcome(replace(answer, text=self._redact(answer.text, url)))
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._http.aclose()
 
-    def _check_recipient(self, recipient: str) -> httpx.URL:
+    def _check_recipient(self, recipient: str) -> URL:
         """The webhook URL, or ValueError (whose text never repeats the URL)."""
         wrong = f"recipient is not an incoming-webhook URL under {self._base}"
         if len(recipient) > 2048 or any(c.isspace() or ord(c) < 32 for c in recipient):
             raise ValueError(wrong)
         try:
-            url = httpx.URL(recipient)
-        except httpx.InvalidURL:
+            url = URL(recipient)
+        except (ValueError, TypeError):
             raise ValueError(wrong) from None
         base = self._base
         if (
             url.scheme != base.scheme
-            or url.host != base.host
+            or url.raw_host != base.raw_host
             or url.port != base.port
-            or url.userinfo
-            or not url.path.startswith(base.path)
-            or len(url.path) <= len(base.path)
+            or url.raw_user is not None
+            or url.raw_password is not None
+            or not url.raw_path.startswith(base.raw_path)
+            or len(url.raw_path) <= len(base.raw_path)
         ):
             raise ValueError(wrong)
         return url
 
-    def _redact(self, text: str, url: httpx.URL) -> str:
-        own = url.path[len(self._base.path) :]
-        for secret in (str(url), url.path, own, *(p for p in own.split("/") if len(p) >= 8)):
+    def _redact(self, text: str, url: URL) -> str:
+        own = url.raw_path[len(self._base.raw_path) :]
+        pieces = (p for p in own.split("/") if len(p) >= 8)
+        for secret in (str(url), url.raw_path, url.path, own, *pieces):
             if secret:
                 text = text.replace(secret, "[webhook]")
         return text
-
-    def _http(self) -> httpx.AsyncClient:
-        return self._pool.get()
 
 
 def outcome(answer: Answer) -> DeliveryResult:

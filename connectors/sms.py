@@ -2,6 +2,9 @@
 
 - ``POST {base_url}/2010-04-01/Accounts/{account_sid}/Messages.json``, form-encoded ``To``,
   ``From`` and/or ``MessagingServiceSid``, ``Body``; HTTP basic auth ``account_sid:auth_token``.
+  ``HERALD_SMS_BASE_URL`` can name any provider speaking this shape, so its connections pass
+  the SSRF guard (connectors/ssrf.py) like webhooks: a provider on a private address must be
+  listed in ``HERALD_SMS_ALLOW_HOSTS``.
 - The recipient is validated and normalized to E.164 with ``phonenumbers`` before anything is
   sent (national numbers are read in ``HERALD_SMS_DEFAULT_REGION``); an invalid one is
   rejected as ``InvalidRecipient`` without a request.
@@ -29,15 +32,16 @@ no provider message id.
 
 from __future__ import annotations
 
-import json
-from typing import Any, ClassVar, NamedTuple
+import base64
+from typing import Annotated, Any, ClassVar, NamedTuple
+from urllib.parse import urlencode
 
-import httpx
-from pydantic import SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
-from connectors.http import parse_retry_after
+from connectors.http import Answer, HttpClient
+from connectors.ssrf import AddressGuard, split_hosts
 from pipeline.records import NotificationIntent
 
 __all__ = ["SmsConnector", "SmsEncoding", "SmsSettings", "normalize_number", "sms_encoding"]
@@ -56,6 +60,7 @@ _INVALID_NUMBER = {21211, 21614, 21217}  # invalid 'To', not a mobile number, no
 _UNSUBSCRIBED = 21610  # the recipient replied STOP
 # Our configuration, wrong for every message alike: retryable, so the breaker pauses.
 _CONFIG = {20003: "AuthenticationFailed", 21212: "InvalidFromNumber"}
+_ANSWER_BYTES = 64 * 1024  # a Messages resource is about 1 KiB of JSON
 
 
 class SmsEncoding(NamedTuple):
@@ -116,8 +121,13 @@ class SmsSettings(BaseSettings):
     messaging_service_sid: str | None = None
     # Region for recipients written without a country code, e.g. "GB"; none: E.164 only.
     default_region: str | None = None
+    # Hostnames and IP networks the SSRF guard lets through although private (a provider on
+    # the private network, tests). JSON list or comma-separated.
+    allow_hosts: Annotated[list[str], NoDecode] = []
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 15.0
+
+    _split_hosts = field_validator("allow_hosts", mode="before")(split_hosts)
 
 
 class SmsConnector(Connector):
@@ -142,17 +152,13 @@ class SmsConnector(Connector):
         self.config = config
         base = config.base_url.rstrip("/")
         self._url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.config
-            self._client = httpx.AsyncClient(
-                auth=httpx.BasicAuth(c.account_sid, c.auth_token.get_secret_value()),
-                timeout=httpx.Timeout(c.read_timeout_s, connect=c.connect_timeout_s),
-                follow_redirects=False,
-            )
-        return self._client
+        credentials = f"{config.account_sid}:{config.auth_token.get_secret_value()}"
+        self._authorization = "Basic " + base64.b64encode(credentials.encode()).decode()
+        self._http = HttpClient(
+            guard=AddressGuard(config.allow_hosts),
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+        )
 
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
         try:
@@ -172,35 +178,33 @@ class SmsConnector(Connector):
             form["From"] = self.config.from_number
         if self.config.messaging_service_sid:
             form["MessagingServiceSid"] = self.config.messaging_service_sid
-        try:
-            response = await self._http().post(
-                self._url,
-                data=form,
-                headers={
-                    "I-Twilio-Idempotency-Token": intent.idempotency_key,
-                    "Accept": "application/json",
-                },
-            )
-        except httpx.HTTPError as e:
-            return DeliveryResult.retryable(type(e).__name__, str(e) or type(e).__name__)
-        return _outcome(response, sms_encoding(body))
+        answer = await self._http.request(
+            "POST",
+            self._url,
+            body=urlencode(form).encode(),
+            headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "I-Twilio-Idempotency-Token": intent.idempotency_key,
+                "Accept": "application/json",
+                "Authorization": self._authorization,
+            },
+            max_answer_bytes=_ANSWER_BYTES,
+        )
+        if isinstance(answer, DeliveryResult):
+            return answer
+        return _outcome(answer, sms_encoding(body))
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        return {}
+def _json(answer: Answer) -> dict[str, Any]:
+    body = answer.json()
     return body if isinstance(body, dict) else {}
 
 
-def _outcome(response: httpx.Response, encoding: SmsEncoding) -> DeliveryResult:
-    status = response.status_code
+def _outcome(response: Answer, encoding: SmsEncoding) -> DeliveryResult:
+    status = response.status
     answer = _json(response)
     cost = f"({encoding.encoding}, {encoding.segments} segment{'s' * (encoding.segments != 1)})"
     if 200 <= status < 300:
@@ -209,7 +213,7 @@ def _outcome(response: httpx.Response, encoding: SmsEncoding) -> DeliveryResult:
             return DeliveryResult.sent(f"{status} with an unreadable body, taken as sent {cost}")
         return DeliveryResult.sent(f"{answer.get('status', status)} {sid} {cost}", sid)
     code = answer.get("code")
-    message = str(answer.get("message") or response.reason_phrase or "")
+    message = str(answer.get("message") or response.reason or "")
     text = f"{status} {code} {message}" if isinstance(code, int) else f"{status} {message}"
     if code in _INVALID_NUMBER:
         return DeliveryResult.rejected("InvalidRecipient", text)
@@ -219,11 +223,7 @@ def _outcome(response: httpx.Response, encoding: SmsEncoding) -> DeliveryResult:
         return DeliveryResult.retryable(_CONFIG[code], text)
     error_class = f"Twilio{code}" if isinstance(code, int) else f"HTTP{status}"
     if status == 429 or status >= 500:
-        return DeliveryResult.retryable(error_class, text, _retry_after(response))
+        return DeliveryResult.retryable(error_class, text, response.retry_after)
     if status == 401:  # no Twilio code, but still the credentials: see _CONFIG
         return DeliveryResult.retryable("AuthenticationFailed", text)
     return DeliveryResult.rejected(error_class, text)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    return parse_retry_after(response.headers.get("retry-after"))

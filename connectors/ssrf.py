@@ -1,8 +1,9 @@
-"""An SSRF guard for connectors that POST to URLs taken from intents (webhook, slack).
+"""The SSRF guard of the HTTP connectors whose URLs Herald does not choose itself: webhook
+and Web Push endpoints come from intents (a rule, an event, a browser), Slack's and the SMS
+provider's from settings.
 
-A recipient URL is chosen by whoever wrote the rule or the event, so without a guard Herald
-would POST wherever it is told: to the cloud metadata service (169.254.169.254), to an admin
-port on loopback, into the private network. The guard:
+Without a guard Herald would POST wherever it is told: to the cloud metadata service
+(169.254.169.254), to an admin port on loopback, into the private network. The guard:
 
 - resolves the host once (``asyncio`` getaddrinfo, or an injected resolver) and refuses the
   connection if ANY resolved address is not public unicast: loopback, private (RFC 1918,
@@ -11,22 +12,26 @@ port on loopback, into the private network. The guard:
   documentation and benchmark ranges, and IPv6 forms that carry one of those inside
   (IPv4-mapped ``::ffff:127.0.0.1``, IPv4-compatible, NAT64 64:ff9b::/96, 6to4 2002::/16;
   Teredo lies in 2001::/23 and is refused whole). Numeric host spellings (``2130706433``,
-  ``0x7f.1``, ``127.1``) are caught because the guard checks what getaddrinfo made of them;
-- then connects to exactly the addresses it checked, so a DNS answer that changes between
-  the check and the connect (DNS rebinding) cannot move the connection elsewhere.
+  ``0x7f.1``, ``127.1``) are caught because the guard checks what they stand for. Names
+  under ``localhost`` are loopback (RFC 6761) without asking the resolver;
+- then the connection goes to exactly the addresses it checked, so a DNS answer that changes
+  between the check and the connect (DNS rebinding) cannot move it elsewhere.
 
-How: the check sits in the network backend under httpcore's connection pool
-(:class:`GuardedBackend`), not in front of the client. The URL is not rewritten, so the
-pool, the Host header, TLS SNI and certificate verification all keep using the URL's
-hostname; only the TCP connect goes to the vetted IP. (Rewriting the URL to the IP instead
-would key pooled connections by IP: a TLS connection verified for a.example could then be
-reused for b.example on the same address, without b.example's certificate ever being
-checked.) A refusal raises :class:`ForbiddenAddressError` before any socket is opened; the
-connectors turn it into a REJECTED result with error_class ``ForbiddenAddress``.
+How, on aiohttp's public interfaces (connectors/http.py builds the session):
 
-Callers must not follow redirects (a redirect target would be fetched by a new connection
-that is guarded too, but the connectors reject 3xx anyway), and the client never reads proxy
-settings from the environment: a proxy would resolve the name itself, unguarded.
+- :class:`GuardedResolver` is the ``TCPConnector``'s resolver (``aiohttp.abc.
+  AbstractResolver``). aiohttp asks it for every host name it connects to and connects to
+  the numeric addresses it returns, nothing else; its DNS cache only ever holds those. The
+  URL is not rewritten, so the pool key, the Host header, TLS SNI and certificate
+  verification all keep the URL's hostname; only the TCP connect goes to the vetted IP.
+- aiohttp does not ask a resolver about an IP literal (anything with a ``:`` or made of
+  digits and dots), so :func:`literal_middleware`, a client middleware that runs before the
+  connection is made, checks such hosts.
+
+A refusal raises :class:`ForbiddenAddressError` before any socket is opened; the connectors
+turn it into a REJECTED result with error_class ``ForbiddenAddress``. The session never
+follows redirects and never reads proxy settings from the environment (a proxy would resolve
+the name itself, unguarded).
 
 ``allow_hosts`` lists exceptions for local use and tests: hostnames (their addresses are
 accepted whatever they are, and still pinned) and IP networks such as ``127.0.0.0/8``
@@ -39,31 +44,19 @@ import asyncio
 import ipaddress
 import json
 import socket
-import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
-import httpcore
-import httpx
-
-from connectors.base import DeliveryResult
-from connectors.http import parse_retry_after
+from aiohttp import ClientHandlerType, ClientRequest, ClientResponse
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 __all__ = [
     "AddressGuard",
-    "Answer",
     "ForbiddenAddressError",
-    "GuardedBackend",
-    "GuardedTransport",
-    "LazyGuardedClient",
+    "GuardedResolver",
     "Resolver",
     "forbidden_reason",
-    "guarded_client",
-    "parse_retry_after",
-    "post",
+    "literal_middleware",
     "split_hosts",
     "system_resolver",
 ]
@@ -231,37 +224,54 @@ class AddressGuard:
             c in net for c in candidates for net in self._networks if c.version == net.version
         )
 
-    async def vet(self, host: str, port: int, timeout: float | None = None) -> list[str]:
+    def _check(self, host: str, text: str, ip: IPAddress) -> None:
+        if self._allowed_ip(ip):
+            return
+        reason = forbidden_reason(ip)
+        if reason is not None:
+            raise ForbiddenAddressError(host, text, reason)
+
+    def check_literal(self, host: str) -> None:
+        """Checks a URL host that aiohttp connects to without resolving: an IP address in any
+        spelling aiohttp takes for one (a ``:``, or only digits and dots). Names pass (the
+        resolver checks them). Raises ForbiddenAddressError."""
+        host = host.strip("[]")
+        ip = _parse_ip(host)
+        if ip is None:
+            if ":" not in host and not host.replace(".", "").isdigit():
+                return  # a name: GuardedResolver sees it
+            ip = _legacy_ipv4(host)
+            if ip is None:  # nothing a socket could connect to; refuse rather than guess
+                raise ForbiddenAddressError(host, host, "not an IP address Herald can check")
+        self._check(host, str(ip), ip)
+
+    async def vet(self, host: str, port: int) -> list[str]:
         """The addresses to connect to for ``host``: every one it resolves to, each checked.
-        Raises ForbiddenAddressError if any of them is forbidden, httpcore.ConnectError or
-        ConnectTimeout if the name does not resolve (in time)."""
-        literal = _parse_ip(host)
+        Raises ForbiddenAddressError if any of them is forbidden, OSError if the name does
+        not resolve (aiohttp reports it as a ClientConnectorDNSError)."""
+        literal = _parse_ip(host.strip("[]")) or _legacy_ipv4(host)
+        name = _normal_host(host)
         if literal is not None:
             resolved: list[tuple[str, IPAddress]] = [(str(literal), literal)]
+        elif (name == "localhost" or name.endswith(".localhost")) and name not in self._names:
+            raise ForbiddenAddressError(host, name, "loopback (a localhost name, RFC 6761)")
         else:
             try:
-                async with asyncio.timeout(timeout):
-                    answers = await self._resolve(host, port)
-            except TimeoutError:
-                raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+                answers = await self._resolve(host, port)
             except OSError as e:
-                raise httpcore.ConnectError(f"cannot resolve {host}: {e}") from e
+                raise OSError(f"cannot resolve {host}: {e}") from e
             resolved = []
             for answer in answers:
                 ip = _parse_ip(answer)
                 if ip is None:
-                    raise httpcore.ConnectError(f"{host} resolved to a non-address {answer!r}")
+                    raise OSError(f"{host} resolved to a non-address {answer!r}")
                 resolved.append((answer, ip))
             if not resolved:
-                raise httpcore.ConnectError(f"{host} resolved to no address")
-        if literal is None and _normal_host(host) in self._names:
+                raise OSError(f"{host} resolved to no address")
+        if literal is None and name in self._names:
             return [text for text, _ in resolved]
         for text, ip in resolved:
-            if self._allowed_ip(ip):
-                continue
-            reason = forbidden_reason(ip)
-            if reason is not None:
-                raise ForbiddenAddressError(host, text, reason)
+            self._check(host, text, ip)
         return [text for text, _ in resolved]
 
 
@@ -269,218 +279,60 @@ def _normal_host(host: str) -> str:
     return host.strip().strip("[]").rstrip(".").lower()
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore network backend that vets the host and connects only to vetted addresses,
-    trying them in order. ``backend`` makes the actual connections (anyio's by default)."""
-
-    def __init__(
-        self, guard: AddressGuard, backend: httpcore.AsyncNetworkBackend | None = None
-    ) -> None:
-        self.guard = guard
-        self._backend = backend or httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await self.guard.vet(host, port, timeout)
-        failure: httpcore.ConnectError | None = None
-        for address in addresses:
-            try:
-                return await self._backend.connect_tcp(
-                    address, port, timeout, local_address, socket_options
-                )
-            except httpcore.ConnectError as e:  # refused: try the next vetted address
-                failure = e
-        assert failure is not None  # noqa: S101 - vet() returns at least one address
-        raise failure
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise ForbiddenAddressError(path, path, "a Unix socket")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._backend.sleep(seconds)
-
-
-class GuardedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport with its connection pool built on :class:`GuardedBackend`."""
-
-    def __init__(
-        self,
-        guard: AddressGuard,
-        *,
-        ssl_context: ssl.SSLContext | None = None,
-        limits: httpx.Limits = httpx.Limits(),  # noqa: B008 - immutable
-        backend: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        ctx = ssl_context or httpx.create_ssl_context()
-        super().__init__(verify=ctx, trust_env=False, limits=limits)
-        # httpx offers no network_backend argument, so the pool is replaced: same settings
-        # as httpx's own, plus the guarded backend.
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ctx,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=GuardedBackend(guard, backend),
-        )
-
-
-class _HttpConfig(Protocol):
-    connect_timeout_s: float
-    read_timeout_s: float
-    ca_file: Path | None
-    max_connections: int
-    user_agent: str
-
-
-class LazyGuardedClient:
-    """One guarded client per connector, made on first use (inside the running loop) and
-    closed with the connector."""
-
-    def __init__(
-        self,
-        guard: AddressGuard,
-        config: _HttpConfig,
-        backend: httpcore.AsyncNetworkBackend | None = None,
-    ) -> None:
-        self._guard, self._config, self._backend = guard, config, backend
-        self._client: httpx.AsyncClient | None = None
-
-    def get(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self._config
-            self._client = guarded_client(
-                self._guard,
-                connect_timeout_s=c.connect_timeout_s,
-                read_timeout_s=c.read_timeout_s,
-                ca_file=c.ca_file,
-                max_connections=c.max_connections,
-                headers={"user-agent": c.user_agent},
-                backend=self._backend,
-            )
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
-
-
-def guarded_client(
-    guard: AddressGuard,
-    *,
-    connect_timeout_s: float,
-    read_timeout_s: float,
-    ca_file: Path | None = None,
-    max_connections: int = 100,
-    headers: dict[str, str] | None = None,
-    backend: httpcore.AsyncNetworkBackend | None = None,
-) -> httpx.AsyncClient:
-    """An httpx client whose every connection passes ``guard``. Redirects are not followed
-    and the environment's proxy and netrc settings are ignored. ``ca_file``: trust only this
-    CA (a private endpoint, tests) instead of the usual bundle."""
-    ctx = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
-    limits = httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections
-    )
-    transport = GuardedTransport(guard, ssl_context=ctx, limits=limits, backend=backend)
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(
-            connect=connect_timeout_s,
-            read=read_timeout_s,
-            write=read_timeout_s,
-            pool=connect_timeout_s + read_timeout_s,
-        ),
-        follow_redirects=False,
-        trust_env=False,
-        headers=headers,
-    )
-
-
-# -- posting through the guard --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer: status, headers and the first bytes of the body as text. ``cut``
-    names what broke the body off (a dropped connection, the deadline), if anything did."""
-
-    status: int
-    reason: str
-    headers: httpx.Headers
-    text: str
-    cut: str | None = None
-
-    @property
-    def retry_after(self) -> float | None:
-        return parse_retry_after(self.headers.get("retry-after"))
-
-    def summary(self, limit: int = 300) -> str:
-        """The answer on one line, "<status> <reason>: <body>", cut to ``limit`` characters."""
-        head = f"{self.status} {self.reason}".strip()
-        if self.cut:
-            head += f" (answer cut short: {self.cut})"
-        body = " ".join(self.text.split())
-        text = f"{head}: {body}" if body else head
-        return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-async def post(
-    client: httpx.AsyncClient,
-    url: httpx.URL,
-    content: bytes,
-    headers: dict[str, str],
-    *,
-    deadline_s: float,
-    max_answer_bytes: int = 4096,
-) -> Answer | DeliveryResult:
-    """POST ``content`` and read at most ``max_answer_bytes`` of the answer (a receiver
-    cannot make Herald buffer a large body), all within ``deadline_s`` (a receiver that
-    trickles bytes cannot hold a send forever).
-
-    Returns the Answer once a status line arrived, even if the body then broke off: the
-    status is the receiver's decision. Otherwise the DeliveryResult: REJECTED
-    "ForbiddenAddress" when the guard refused the address (no connection was made),
-    RETRYABLE for timeouts and network failures (the receiver may or may not have it)."""
-    resp: httpx.Response | None = None
-    chunks: list[bytes] = []
-    cut: str | None = None
+def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a legacy spelling stands for (``2130706433``, ``127.1``,
+    ``0x7f.1``, octal ``0177.0.0.1``), as inet_aton and getaddrinfo read it; None if it is
+    not one."""
+    if not host or not all(c in "0123456789abcdefxABCDEFX." for c in host):
+        return None
     try:
-        async with asyncio.timeout(deadline_s):
-            async with client.stream("POST", url, content=content, headers=headers) as resp:
-                size = 0
-                # raw: undecoded, so a compressed answer cannot expand past the limit
-                raw = cast(AsyncGenerator[bytes, None], resp.aiter_raw())
-                try:
-                    async with aclosing(raw) as stream:
-                        async for chunk in stream:
-                            chunks.append(chunk)
-                            size += len(chunk)
-                            if size >= max_answer_bytes:
-                                break
-                except httpx.TransportError as e:
-                    cut = type(e).__name__
-    except ForbiddenAddressError as e:
-        return DeliveryResult.rejected("ForbiddenAddress", str(e))
-    except TimeoutError:
-        if resp is None:
-            return DeliveryResult.retryable("Timeout", f"no answer within {deadline_s:g}s")
-        cut = f"not complete within {deadline_s:g}s"
-    except httpx.TransportError as e:  # timeouts, refused and dropped connections, TLS
-        if resp is None:
-            return DeliveryResult.retryable(type(e).__name__, str(e) or type(e).__name__)
-        cut = type(e).__name__
-    assert resp is not None  # noqa: S101 - every other path returned
-    text = b"".join(chunks)[:max_answer_bytes].decode("utf-8", "replace")
-    return Answer(resp.status_code, resp.reason_phrase, resp.headers, text, cut)
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver for a guarded session: the host's vetted addresses, as numeric
+    results, so aiohttp connects to them and to nothing else."""
+
+    def __init__(self, guard: AddressGuard) -> None:
+        self.guard = guard
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results: list[ResolveResult] = []
+        for address in await self.guard.vet(host, port):
+            v6 = ":" in address
+            af = socket.AF_INET6 if v6 else socket.AF_INET
+            if family not in (socket.AF_UNSPEC, af):
+                continue
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=port,
+                    family=af,
+                    proto=socket.IPPROTO_TCP,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        if not results:
+            raise OSError(f"{host} has no vetted address of family {family!r}")
+        return results
+
+    async def close(self) -> None:
+        pass
+
+
+def literal_middleware(
+    guard: AddressGuard,
+) -> Callable[[ClientRequest, ClientHandlerType], Awaitable[ClientResponse]]:
+    """A client middleware that checks a request's IP-literal host before aiohttp connects
+    (aiohttp does not pass literals to the resolver)."""
+
+    async def check(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        guard.check_literal(request.url.raw_host or "")
+        return await handler(request)
+
+    return check

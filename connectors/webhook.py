@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -39,13 +38,14 @@ from datetime import UTC
 from pathlib import Path
 from typing import Annotated
 
-import httpcore
-import httpx
+import aiohttp
 from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 from connectors.base import Connector, DeliveryResult
-from connectors.ssrf import AddressGuard, Answer, LazyGuardedClient, Resolver, post, split_hosts
+from connectors.http import Answer, HttpClient
+from connectors.ssrf import AddressGuard, Resolver, split_hosts
 from pipeline.records import NotificationIntent
 
 __all__ = [
@@ -113,8 +113,8 @@ def _endpoint_key(url: str) -> str:
     if url == DEFAULT_ENDPOINT:
         return url
     try:
-        return str(httpx.URL(url))
-    except httpx.InvalidURL:
+        return str(URL(url))
+    except (ValueError, TypeError):
         raise InvalidSecretsError(f"{url!r} is neither a URL nor 'default'") from None
 
 
@@ -174,23 +174,23 @@ def sign(keys: Iterable[bytes], msg_id: str, timestamp: int, body: bytes) -> str
     )
 
 
-def _check_endpoint(recipient: str, guard: AddressGuard) -> httpx.URL:
+def _check_endpoint(recipient: str, guard: AddressGuard) -> URL:
     """The endpoint URL, or ValueError saying why it cannot be one."""
     if len(recipient) > 2048:
         raise ValueError("endpoint URL is longer than 2048 characters")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in recipient):
         raise ValueError("endpoint URL contains whitespace or control characters")
     try:
-        url = httpx.URL(recipient)
-    except httpx.InvalidURL as e:
+        url = URL(recipient)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"endpoint is not a valid URL: {e}") from None
-    if not url.host:
+    if not url.raw_host:
         raise ValueError("endpoint URL has no host")
-    if url.userinfo:
+    if url.raw_user is not None or url.raw_password is not None:
         raise ValueError("endpoint URL carries a user:password part; use signatures instead")
     if url.scheme not in ("https", "http"):
         raise ValueError(f"endpoint scheme must be https, not {url.scheme!r}")
-    if url.scheme == "http" and not guard.allowlisted(url.host):
+    if url.scheme == "http" and not guard.allowlisted(url.raw_host):
         raise ValueError("endpoint must be https:// (http:// only for allowlisted hosts)")
     return url
 
@@ -208,23 +208,27 @@ class WebhookConnector(Connector):
         config: WebhookSettings,
         *,
         resolver: Resolver | None = None,
-        network_backend: httpcore.AsyncNetworkBackend | None = None,
+        socket_factory: aiohttp.SocketFactoryType | None = None,
     ) -> None:
-        """``resolver`` and ``network_backend`` replace the system resolver and the socket
-        layer under the SSRF guard (tests use them to observe where connections go)."""
+        """``resolver`` and ``socket_factory`` replace the system resolver under the SSRF
+        guard and the making of sockets (tests use them to observe where connections go)."""
         self.config = config
         self._keys = parse_secrets(config.secrets)
         self._guard = AddressGuard(config.allow_hosts, resolver)
-        self._backend = network_backend
-        self._pool = LazyGuardedClient(self._guard, config, network_backend)
-        # httpcore's pool scans every queued request against every connection whenever one
-        # frees up: with hundreds of sends queued (the sink's windows) that scan dominated
-        # the profile. Queue here instead, at most one request per pooled connection.
-        self._slots = asyncio.Semaphore(max(1, config.max_connections))
+        self._http = HttpClient(
+            guard=self._guard,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            total_timeout_s=config.total_timeout_s,
+            max_connections=config.max_connections,
+            ca_file=config.ca_file,
+            headers={"user-agent": config.user_agent},
+            socket_factory=socket_factory,
+        )
 
-    def keys_for(self, url: httpx.URL | str) -> Sequence[bytes]:
+    def keys_for(self, url: URL | str) -> Sequence[bytes]:
         """The endpoint's own HMAC keys, else the default ones, else none."""
-        own = self._keys.get(str(httpx.URL(url)))
+        own = self._keys.get(str(URL(url) if isinstance(url, str) else url))
         return own if own is not None else self._keys.get(DEFAULT_ENDPOINT, ())
 
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
@@ -253,24 +257,15 @@ class WebhookConnector(Connector):
             "webhook-signature": sign(keys, msg_id, timestamp, body),
             "idempotency-key": msg_id,
         }
-        async with self._slots:
-            answer = await post(
-                self._http(),
-                url,
-                body,
-                headers,
-                deadline_s=self.config.total_timeout_s,
-                max_answer_bytes=self.max_answer_bytes,
-            )
+        answer = await self._http.request(
+            "POST", url, body=body, headers=headers, max_answer_bytes=self.max_answer_bytes
+        )
         if isinstance(answer, DeliveryResult):
             return answer
         return outcome(answer, msg_id)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
-
-    def _http(self) -> httpx.AsyncClient:
-        return self._pool.get()
+        await self._http.aclose()
 
 
 def outcome(answer: Answer, msg_id: str) -> DeliveryResult:

@@ -36,11 +36,12 @@ Outcomes:
   subscription created with another application server key (a 403 that only it gets) uses
   up its retries and goes DEAD instead of REJECTED at once.
 
-Endpoints must be ``https`` and must not name a loopback, private, link-local or otherwise
-non-global IP address, in any spelling (the endpoint comes from a browser, so it is
-attacker-controlled); ``HERALD_WEBPUSH_ALLOW_HOSTS`` lifts both rules for the hosts it lists
-(local push services, tests). A host name is not resolved for this check, so a name that
-resolves to a private address passes it.
+Endpoints must be ``https``, and every connection passes the SSRF guard (connectors/ssrf.py):
+the endpoint comes from a browser, so it is attacker-controlled. An endpoint whose host is,
+or resolves to, a loopback, private, link-local or otherwise non-global address, in any
+spelling, is rejected ``ForbiddenAddress`` without a connection, and the connection goes to
+the address that was checked. ``HERALD_WEBPUSH_ALLOW_HOSTS`` (host names and IP networks)
+lifts both rules for what it lists (local push services, tests).
 
 Secrets (the VAPID private key, the JWT, subscription auth secrets) never appear in results,
 exceptions or logs.
@@ -52,22 +53,23 @@ import base64
 import binascii
 import hashlib
 import importlib
-import ipaddress
 import json
 import os
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 from connectors.base import Connector, DeliveryResult
-from connectors.http import parse_retry_after
+from connectors.http import Answer, HttpClient
+from connectors.ssrf import AddressGuard, Resolver
 from pipeline.records import NotificationIntent
 
 if TYPE_CHECKING:
@@ -98,6 +100,7 @@ MAX_PAYLOAD_BYTES = MAX_ENCRYPTED_BYTES - _HEADER_BYTES - 16 - 1  # 3993
 MAX_JWT_LIFETIME_S = 24 * 3600
 URGENCIES = ("very-low", "low", "normal", "high")  # RFC 8030 section 5.3
 _RESPONSE_CHARS = 500  # how much of a push service's error body is kept
+_ANSWER_BYTES = 4096  # how much of a push service's answer is read
 _MAX_AUDIENCES = 256  # cached VAPID tokens (one per push service origin)
 
 
@@ -118,8 +121,10 @@ class WebPushSettings(BaseSettings):
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     max_connections: int = 100
-    #: Hosts allowed despite plain http or a loopback/private address, comma-separated
-    #: (or a JSON list): local push services and tests.
+    #: Trust only this CA (PEM) instead of the usual bundle: a private push service, tests.
+    ca_file: Path | None = None
+    #: Hosts and IP networks (e.g. 127.0.0.0/8) allowed despite plain http or a
+    #: loopback/private address, comma-separated (or a JSON list): local push services, tests.
     allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     @field_validator("allow_hosts", mode="before")
@@ -210,49 +215,26 @@ def parse_subscription(recipient: str) -> Subscription:
     return Subscription(endpoint, point, secret)
 
 
-def check_endpoint(endpoint: str, allow_hosts: frozenset[str]) -> str:
+def check_endpoint(endpoint: str, guard: AddressGuard) -> str:
     """The endpoint's origin (scheme://host[:port], the VAPID audience). Raises
-    InvalidSubscriptionError for an endpoint Herald must not call."""
-    try:
-        parts = urlsplit(endpoint)
-        host = (parts.hostname or "").lower()
-        port = parts.port
-    except ValueError:
-        raise InvalidSubscriptionError("endpoint is not a valid URL") from None
-    if parts.scheme not in ("https", "http") or not host:
-        raise InvalidSubscriptionError("endpoint is not an absolute http(s) URL")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidSubscriptionError("endpoint must not carry credentials")
+    InvalidSubscriptionError for an endpoint Herald must not call: not an absolute http(s)
+    URL, credentials in it, or plain http to a host ``guard`` does not allowlist. (Which
+    addresses may be reached is checked when connecting, by the guard.)"""
     if any(c in endpoint for c in "\r\n\t "):
         raise InvalidSubscriptionError("endpoint contains whitespace")
-    if host not in allow_hosts:
-        if parts.scheme != "https":
-            raise InvalidSubscriptionError(
-                f"endpoint host {host} is not https (allow it in HERALD_WEBPUSH_ALLOW_HOSTS)"
-            )
-        if _internal(host):
-            raise InvalidSubscriptionError(
-                f"endpoint host {host} is a loopback or private address "
-                "(allow it in HERALD_WEBPUSH_ALLOW_HOSTS)"
-            )
-    netloc = f"[{host}]" if ":" in host else host
-    if port is not None and port != {"https": 443, "http": 80}[parts.scheme]:
-        netloc = f"{netloc}:{port}"
-    return f"{parts.scheme}://{netloc}"
-
-
-def _internal(host: str) -> bool:
-    host = host.rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        # No top-level domain is numeric: "2130706433", "127.1" or "0x7f.1" is an address
-        # in a spelling getaddrinfo accepts and ipaddress does not.
-        last = host.rsplit(".", 1)[-1]
-        return last.isdigit() or last.startswith("0x")
-    return not address.is_global
+        url = URL(endpoint)
+    except (ValueError, TypeError):
+        raise InvalidSubscriptionError("endpoint is not a valid URL") from None
+    if url.scheme not in ("https", "http") or not url.raw_host:
+        raise InvalidSubscriptionError("endpoint is not an absolute http(s) URL")
+    if url.raw_user is not None or url.raw_password is not None:
+        raise InvalidSubscriptionError("endpoint must not carry credentials")
+    if url.scheme != "https" and not guard.allowlisted(url.raw_host):
+        raise InvalidSubscriptionError(
+            f"endpoint host {url.raw_host} is not https (allow it in HERALD_WEBPUSH_ALLOW_HOSTS)"
+        )
+    return str(url.origin())
 
 
 def topic_for(notification_id: str) -> str:
@@ -378,7 +360,15 @@ class WebPushConnector(Connector):
     max_body_bytes = MAX_PAYLOAD_BYTES
     settings_class = WebPushSettings
 
-    def __init__(self, config: WebPushSettings) -> None:
+    def __init__(
+        self,
+        config: WebPushSettings,
+        *,
+        resolver: Resolver | None = None,
+        socket_factory: aiohttp.SocketFactoryType | None = None,
+    ) -> None:
+        """``resolver`` and ``socket_factory`` replace the system resolver under the SSRF
+        guard and the making of sockets (tests use them to observe where connections go)."""
         _import("cryptography")
         self._ece = _import("http_ece")
         if config.vapid_private_key is None or not config.vapid_private_key.get_secret_value():
@@ -399,8 +389,15 @@ class WebPushConnector(Connector):
             subject,
             config.vapid_expiry_s,
         )
-        self._allow_hosts = frozenset(config.allow_hosts)
-        self._client: httpx.AsyncClient | None = None
+        self._guard = AddressGuard(config.allow_hosts, resolver)
+        self._http = HttpClient(
+            guard=self._guard,
+            connect_timeout_s=config.connect_timeout_s,
+            read_timeout_s=config.read_timeout_s,
+            max_connections=config.max_connections,
+            ca_file=config.ca_file,
+            socket_factory=socket_factory,
+        )
 
     @property
     def application_server_key(self) -> str:
@@ -418,7 +415,7 @@ class WebPushConnector(Connector):
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
         try:
             sub = parse_subscription(intent.recipient)
-            audience = check_endpoint(sub.endpoint, self._allow_hosts)
+            audience = check_endpoint(sub.endpoint, self._guard)
         except InvalidSubscriptionError as e:
             return DeliveryResult.rejected("InvalidRecipient", str(e))
         plaintext = build_payload(intent)
@@ -438,18 +435,15 @@ class WebPushConnector(Connector):
             "Content-Encoding": "aes128gcm",
             "Content-Type": "application/octet-stream",
         }
-        try:
-            response = await self._http().post(sub.endpoint, content=body, headers=headers)
-        except httpx.TimeoutException as e:
-            return DeliveryResult.retryable(type(e).__name__, f"{type(e).__name__}: timed out")
-        except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
-            return DeliveryResult.retryable(type(e).__name__, _redact(str(e), token))
-        return _outcome(response, token)
+        answer = await self._http.request(
+            "POST", sub.endpoint, body=body, headers=headers, max_answer_bytes=_ANSWER_BYTES
+        )
+        if isinstance(answer, DeliveryResult):
+            return answer
+        return _outcome(answer, token)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+        await self._http.aclose()
 
     def _encrypt(self, plaintext: bytes, sub: Subscription) -> bytes:
         from cryptography.hazmat.primitives.asymmetric import ec
@@ -468,30 +462,16 @@ class WebPushConnector(Connector):
         )
         return body
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            c = self.config
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(c.read_timeout_s, connect=c.connect_timeout_s),
-                limits=httpx.Limits(max_connections=c.max_connections),
-                follow_redirects=False,
-            )
-        return self._client
-
 
 def _redact(text: str, token: str) -> str:
     return text.replace(token, "[vapid-jwt]") if token else text
 
 
-def _retry_after(value: str | None) -> float | None:
-    return parse_retry_after(value)
-
-
-def _outcome(response: httpx.Response, token: str) -> DeliveryResult:
-    status = response.status_code
-    text = f"{status} {response.reason_phrase}".strip()
-    detail = response.content[:_RESPONSE_CHARS].decode("utf-8", "replace").strip()
-    location = response.headers.get("Location")
+def _outcome(answer: Answer, token: str) -> DeliveryResult:
+    status = answer.status
+    text = f"{status} {answer.reason}".strip()
+    detail = answer.text[:_RESPONSE_CHARS].strip()
+    location = answer.headers.get("Location")
     if 200 <= status < 300:
         return DeliveryResult.sent(text, location)
     if detail:
@@ -499,7 +479,7 @@ def _outcome(response: httpx.Response, token: str) -> DeliveryResult:
     if location and 300 <= status < 400:
         text = f"{text} (Location: {location})"
     text = _redact(text, token)
-    retry_after = _retry_after(response.headers.get("Retry-After"))
+    retry_after = answer.retry_after
     if status in (404, 410):
         return DeliveryResult.rejected("RecipientGone", text)
     if status == 413:

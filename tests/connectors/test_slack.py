@@ -17,7 +17,7 @@ from aiohttp import web
 from connectors.base import DeliveryResult, Outcome
 from connectors.slack import SlackConnector, SlackSettings
 from pipeline.records import NotificationIntent, notification_id
-from tests.connectors.test_ssrf import RecordingBackend, ScriptedResolver, closed_port, serve
+from tests.connectors.test_ssrf import RecordingSockets, ScriptedResolver, closed_port, serve
 
 TEAM, BOT = "T0HERALD01", "B0HERALD02"
 
@@ -102,9 +102,9 @@ async def fake_slack(fake: FakeSlack) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def backend() -> RecordingBackend:
+def sockets() -> RecordingSockets:
     """Records every connection and refuses all but loopback (see test_ssrf)."""
-    return RecordingBackend()
+    return RecordingSockets()
 
 
 def config(base_url: str, **kw: Any) -> SlackSettings:
@@ -134,9 +134,9 @@ def intent(recipient: str, **kw: Any) -> NotificationIntent:
 
 
 async def deliver(
-    settings: SlackSettings, sent: NotificationIntent, backend: RecordingBackend
+    settings: SlackSettings, sent: NotificationIntent, sockets: RecordingSockets
 ) -> DeliveryResult:
-    connector = SlackConnector(settings, network_backend=backend)
+    connector = SlackConnector(settings, socket_factory=sockets)
     try:
         return await connector.send(sent)
     finally:
@@ -311,11 +311,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-async def test_outcomes(case: Case, backend: RecordingBackend) -> None:
+async def test_outcomes(case: Case, sockets: RecordingSockets) -> None:
     fake = FakeSlack()
     async with fake_slack(fake) as base:
         sent = intent(hook(base, case.webhook, case.team), **case.intent)
-        result = await deliver(config(base), sent, backend)
+        result = await deliver(config(base), sent, sockets)
 
     assert result.outcome is case.outcome, result
     assert result.error_class == case.error_class
@@ -326,7 +326,7 @@ async def test_outcomes(case: Case, backend: RecordingBackend) -> None:
     assert case.webhook not in (result.response or "") + repr(result)
 
     assert len(fake.requests) == (1 if case.requested else 0)
-    assert len(backend.connects) == (1 if case.requested else 0)
+    assert len(sockets.connects) == (1 if case.requested else 0)
     if case.posted:
         [(token, payload)] = fake.posts
         assert token == case.webhook
@@ -340,38 +340,38 @@ async def test_outcomes(case: Case, backend: RecordingBackend) -> None:
         assert fake.posts == []
 
 
-async def test_message_text_is_subject_newline_body(backend: RecordingBackend) -> None:
+async def test_message_text_is_subject_newline_body(sockets: RecordingSockets) -> None:
     fake = FakeSlack()
     async with fake_slack(fake) as base:
-        result = await deliver(config(base), intent(hook(base, OK)), backend)
+        result = await deliver(config(base), intent(hook(base, OK)), sockets)
     assert result.outcome is Outcome.SENT
     assert fake.posts == [(OK, {"text": "*Deploy finished*\napi v1.4.2 is live in _eu-west_"})]
 
 
-async def test_read_timeout_is_retryable(backend: RecordingBackend) -> None:
+async def test_read_timeout_is_retryable(sockets: RecordingSockets) -> None:
     fake = FakeSlack(slow={OK})
     async with fake_slack(fake) as base:
-        result = await deliver(config(base, read_timeout_s=0.3), intent(hook(base, OK)), backend)
+        result = await deliver(config(base, read_timeout_s=0.3), intent(hook(base, OK)), sockets)
     assert result.outcome is Outcome.RETRYABLE, result
     assert result.error_class == "ReadTimeout"
     assert len(fake.posts) == 1  # Slack may have posted it: the retry can duplicate it
 
 
-async def test_connection_refused_is_retryable(backend: RecordingBackend) -> None:
+async def test_connection_refused_is_retryable(sockets: RecordingSockets) -> None:
     base = f"http://127.0.0.1:{closed_port()}/services/"
-    result = await deliver(config(base), intent(hook(base, OK)), backend)
+    result = await deliver(config(base), intent(hook(base, OK)), sockets)
     assert result.outcome is Outcome.RETRYABLE, result
     assert result.error_class == "ConnectError"
 
 
-async def test_a_quoted_webhook_path_is_redacted(backend: RecordingBackend) -> None:
+async def test_a_quoted_webhook_path_is_redacted(sockets: RecordingSockets) -> None:
     """A proxy's 404 page that quotes the request: the token does not reach the result."""
     fake = FakeSlack()
     async with fake_slack(fake) as base:
         proxied = base.replace("/services/", "/proxy/")
         path_key = "S3cr3tT0kenXyZ9876543210"
         result = await deliver(
-            config(proxied), intent(f"{proxied}{TEAM}/{BOT}/{path_key}"), backend
+            config(proxied), intent(f"{proxied}{TEAM}/{BOT}/{path_key}"), sockets
         )
     assert result.outcome is Outcome.REJECTED and result.error_class == "RecipientGone"
     assert len(fake.requests) == 1
@@ -394,7 +394,7 @@ async def test_a_quoted_webhook_path_is_redacted(backend: RecordingBackend) -> N
         "",
     ],
 )
-async def test_recipient_outside_the_base_url(recipient: str, backend: RecordingBackend) -> None:
+async def test_recipient_outside_the_base_url(recipient: str, sockets: RecordingSockets) -> None:
     fake = FakeSlack()
     async with fake_slack(fake) as base:
         url = recipient.format(
@@ -404,18 +404,18 @@ async def test_recipient_outside_the_base_url(recipient: str, backend: Recording
             other_port=base.replace("127.0.0.1:", "127.0.0.1:1"),
             with_userinfo=base.replace("http://", "http://u:p@"),
         )
-        result = await deliver(config(base), intent(url), backend)
+        result = await deliver(config(base), intent(url), sockets)
     assert result.outcome is Outcome.REJECTED, result
     assert result.error_class == "InvalidRecipient"
     assert "T0/B0" not in (result.response or "")
-    assert fake.requests == [] and backend.connects == []
+    assert fake.requests == [] and sockets.connects == []
 
 
-async def test_ssrf_guard_applies(backend: RecordingBackend) -> None:
+async def test_ssrf_guard_applies(sockets: RecordingSockets) -> None:
     """A Slack base host that resolves to a private address is refused without connecting."""
     resolver = ScriptedResolver(["10.0.0.7"])
     settings = SlackSettings(base_url="https://hooks.slack.com/services/")
-    connector = SlackConnector(settings, resolver=resolver, network_backend=backend)
+    connector = SlackConnector(settings, resolver=resolver, socket_factory=sockets)
     try:
         result = await connector.send(intent("https://hooks.slack.com/services/T0/B0/abcdefgh"))
     finally:
@@ -423,7 +423,7 @@ async def test_ssrf_guard_applies(backend: RecordingBackend) -> None:
     assert result.outcome is Outcome.REJECTED, result
     assert result.error_class == "ForbiddenAddress"
     assert resolver.calls == ["hooks.slack.com"]
-    assert backend.connects == []
+    assert sockets.connects == []
     assert "abcdefgh" not in repr(result)
 
 
@@ -436,10 +436,10 @@ def test_plain_http_base_url_needs_the_allowlist(base_url: str, allow: list[str]
         SlackConnector(SlackSettings(base_url=base_url, allow_hosts=allow))
 
 
-async def test_concurrent_posts_share_connections(backend: RecordingBackend) -> None:
+async def test_concurrent_posts_share_connections(sockets: RecordingSockets) -> None:
     fake = FakeSlack()
     async with fake_slack(fake) as base:
-        connector = SlackConnector(config(base, max_connections=3), network_backend=backend)
+        connector = SlackConnector(config(base, max_connections=3), socket_factory=sockets)
         try:
             results = await asyncio.gather(
                 *(connector.send(intent(hook(base, OK), body_text=f"n{i}")) for i in range(15))
@@ -450,7 +450,7 @@ async def test_concurrent_posts_share_connections(backend: RecordingBackend) -> 
     assert sorted(p["text"].split("\n")[1] for _, p in fake.posts) == sorted(
         f"n{i}" for i in range(15)
     )
-    assert 1 <= len(backend.connects) <= 3
+    assert 1 <= len(sockets.connects) <= 3
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,40 +1,46 @@
-"""The SSRF guard (connectors/ssrf.py): which addresses it refuses, the allowlist, and that a
-connection goes to the address that was checked (no DNS rebinding), with TLS still verified
-for the URL's hostname. Servers are real aiohttp servers on loopback.
+"""The SSRF guard (connectors/ssrf.py) and the HTTP stack it sits in (connectors/http.py):
+which addresses it refuses, the allowlist, and that a connection goes to the address that was
+checked (no DNS rebinding), with TLS still verified for the URL's hostname, through every
+connector whose URLs Herald does not choose itself: webhook, Slack, Web Push (and SMS's base
+URL). Servers are real aiohttp servers on loopback.
 
-Every connection in these tests goes through :class:`RecordingBackend`, which records it and
-refuses anything but loopback, so even a broken guard cannot send traffic off this machine.
+Every connection in these tests is made by :class:`RecordingSockets`, aiohttp's public
+socket factory hook, which records it and refuses anything but loopback, so even a broken
+guard cannot send traffic off this machine. A test that needs a name to resolve to a given
+address injects a resolver: the guard checks whatever the resolver answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import json
+import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpcore
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import SecretStr
 
-from connectors.base import Outcome
-from connectors.ssrf import (
-    AddressGuard,
-    ForbiddenAddressError,
-    GuardedBackend,
-    forbidden_reason,
-    guarded_client,
-    parse_retry_after,
-)
+from connectors.base import Connector, DeliveryResult, Outcome
+from connectors.http import Answer, HttpClient, parse_retry_after
+from connectors.slack import SlackConnector, SlackSettings
+from connectors.sms import SmsConnector, SmsSettings
+from connectors.ssrf import AddressGuard, ForbiddenAddressError, Resolver, forbidden_reason
 from connectors.webhook import WebhookConnector, WebhookSettings, new_secret
+from connectors.webpush import WebPushConnector, WebPushSettings, generate_vapid_key
 from pipeline.records import NotificationIntent, notification_id
+from tests.connectors.pushservice import b64url, public_point
 
 # -- shared helpers (test_webhook and test_slack import these) ------------------------------------
 
@@ -46,42 +52,26 @@ def _loopback(host: str) -> bool:
     return ip.is_loopback
 
 
-class RecordingBackend(httpcore.AsyncNetworkBackend):
-    """The real socket layer, recording every connect; anything but loopback is refused
-    (the guard hands over vetted IPs only: a hostname here fails the test)."""
+class RecordingSockets:
+    """A socket factory for aiohttp's ``TCPConnector(socket_factory=...)``: records the
+    address of every connection, refuses anything but loopback (the guard hands aiohttp
+    vetted IPs only, so a hostname here fails the test too)."""
 
     def __init__(self) -> None:
         self.connects: list[tuple[str, int]] = []
-        self._real = httpcore.AnyIOBackend()
 
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    def __call__(self, addr_info: aiohttp.AddrInfoType) -> socket.socket:
+        family, kind, proto, _, address = addr_info
+        host, port = str(address[0]), int(address[1])
         self.connects.append((host, port))
         if not _loopback(host):
-            raise httpcore.ConnectError(f"test safety net: not connecting to {host}")
-        return await self._real.connect_tcp(host, port, timeout, local_address, socket_options)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise AssertionError("no Unix sockets in these tests")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+            raise OSError(errno.ENETUNREACH, f"test safety net: not connecting to {host}")
+        return socket.socket(family, kind, proto)
 
 
 @pytest.fixture
-def backend() -> RecordingBackend:
-    return RecordingBackend()
+def sockets() -> RecordingSockets:
+    return RecordingSockets()
 
 
 def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -118,6 +108,18 @@ async def serve(
     finally:
         await runner.cleanup()
         sock.close()
+
+
+class ScriptedResolver:
+    """Answers each lookup with the next list of addresses (the last one repeats)."""
+
+    def __init__(self, *answers: Sequence[str]) -> None:
+        self.answers = [list(a) for a in answers]
+        self.calls: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls.append(host)
+        return self.answers[min(len(self.calls), len(self.answers)) - 1]
 
 
 # -- which addresses are refused ------------------------------------------------------------------
@@ -181,7 +183,7 @@ def test_forbidden_reason(address: str, reason: str | None) -> None:
         assert got is not None and reason in got
 
 
-# URLs whose host is, or resolves (through the system resolver) to, a forbidden address.
+# URLs whose host is, or stands for, a forbidden address.
 # None of them may lead to a connection.
 FORBIDDEN_URLS = [
     "https://127.0.0.1:{port}/hook",
@@ -205,20 +207,29 @@ FORBIDDEN_URLS = [
     "https://224.0.0.1/hook",
     "https://[64:ff9b::7f00:1]/hook",
     "https://[2002:a9fe:a9fe::1]/hook",
+    "https://0177.0.0.1:{port}/hook",  # octal
+    "https://0x7f.1:{port}/hook",
+    "https://localhost.:{port}/hook",
+    "https://api.localhost:{port}/hook",  # RFC 6761: loopback without asking DNS
+    "https://169.254.169.254/latest/meta-data/",
+    "https://[::ffff:a9fe:a9fe]/latest/meta-data/",
 ]
 
 
 @dataclass
 class Recorder:
-    """An aiohttp app that answers 204 and records what reached it."""
+    """An aiohttp app that answers ``status`` (204) and records what reached it."""
 
+    status: int = 204
+    location: str | None = None  # the Location header of the answer
     requests: list[tuple[str, str]] = field(default_factory=list)  # (Host header, path)
     sni: list[str | None] = field(default_factory=list)
 
     def app(self) -> web.Application:
         async def handle(request: web.Request) -> web.Response:
             self.requests.append((request.headers.get("Host", ""), request.path))
-            return web.Response(status=204)
+            headers = {"Location": self.location} if self.location else None
+            return web.Response(status=self.status, headers=headers)
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
@@ -235,36 +246,191 @@ class Recorder:
         return ctx
 
 
-@pytest.mark.parametrize("template", FORBIDDEN_URLS)
-async def test_forbidden_urls_make_no_connection(template: str, backend: RecordingBackend) -> None:
-    recorder = Recorder()
-    async with serve(recorder.app()) as port:
-        client = guarded_client(
-            AddressGuard(), connect_timeout_s=2, read_timeout_s=2, backend=backend
-        )
-        async with client:
-            with pytest.raises(ForbiddenAddressError) as caught:
-                await client.post(template.format(port=port), content=b"{}")
-    assert backend.connects == []
-    assert recorder.requests == []
-    assert "allow_hosts" in str(caught.value)
+# -- the guarded connectors -----------------------------------------------------------------------
+
+GUARDED = ["webhook", "slack", "webpush"]
+# The secret last part of a Slack webhook URL: never in a result.
+SLACK_PATH_PART = "S3cr3tWebh00kT0ken"
+# A browser subscription's keys (never used to decrypt: nothing here is delivered).
+KEYS = {
+    "p256dh": b64url(public_point(ec.generate_private_key(ec.SECP256R1()))),
+    "auth": b64url(os.urandom(16)),
+}
+VAPID_KEY, _ = generate_vapid_key()
 
 
-@pytest.mark.parametrize("template", FORBIDDEN_URLS[:6] + FORBIDDEN_URLS[12:15])
-async def test_connector_rejects_forbidden_address(
-    template: str, backend: RecordingBackend
-) -> None:
-    """Through the connector: REJECTED with error_class ForbiddenAddress."""
-    url = template.format(port=closed_port()).replace("http://", "https://")
-    config = WebhookSettings(secrets=SecretStr(f'{{"default": ["{new_secret()}"]}}'))
-    connector = WebhookConnector(config, network_backend=backend)
+def intent(recipient: str, **kw: Any) -> NotificationIntent:
+    fields: dict[str, Any] = {
+        "notification_id": notification_id("e-1", "hook", "webhook", recipient),
+        "event_id": "0b9f3c5e-7a61-4d2b-9c8e-5f4a3b2c1d0e",
+        "event_type": "user-registered",
+        "rule": "hook",
+        "channel": "webhook",
+        "recipient": recipient,
+        "subject": "Welcome",
+        "body_text": "Hi Ada",
+    }
+    fields.update(kw)
+    return NotificationIntent(**fields)
+
+
+def guarded(
+    channel: str,
+    url: str,
+    *,
+    allow: Sequence[str] = (),
+    resolver: Resolver | None = None,
+    sockets: RecordingSockets | None = None,
+    ca_file: Path | None = None,
+    connect_timeout_s: float = 2.0,
+) -> tuple[Connector, NotificationIntent]:
+    """The ``channel``'s connector and an intent that makes it POST to ``url`` (for Slack: a
+    webhook under ``url``'s origin, which is its base URL)."""
+    common: dict[str, Any] = {
+        "allow_hosts": list(allow),
+        "connect_timeout_s": connect_timeout_s,
+        "read_timeout_s": 2.0,
+        "ca_file": ca_file,
+    }
+    hooks = {"resolver": resolver, "socket_factory": sockets}
+    connector: Connector
+    if channel == "webhook":
+        secrets = SecretStr(json.dumps({"default": [new_secret()]}))
+        connector = WebhookConnector(WebhookSettings(secrets=secrets, **common), **hooks)
+        return connector, intent(url)
+    if channel == "slack":
+        origin = url.split("/", 3)[:3]
+        base = "/".join(origin) + "/services/"
+        connector = SlackConnector(SlackSettings(base_url=base, **common), **hooks)
+        return connector, intent(f"{base}T0HERALD/B0HERALD/{SLACK_PATH_PART}")
+    assert channel == "webpush"
+    settings = WebPushSettings(
+        vapid_private_key=VAPID_KEY, vapid_subject="mailto:ops@herald.localhost", **common
+    )
+    connector = WebPushConnector(settings, **hooks)
+    return connector, intent(json.dumps({"endpoint": url, "keys": KEYS}))
+
+
+async def send(connector: Connector, sent: NotificationIntent) -> DeliveryResult:
     try:
-        result = await connector.send(intent(url))
+        return await connector.send(sent)
     finally:
         await connector.aclose()
+
+
+def assert_forbidden(result: DeliveryResult, address: str | None = None) -> None:
     assert result.outcome is Outcome.REJECTED, result
-    assert result.error_class == "ForbiddenAddress"
-    assert backend.connects == []
+    assert result.error_class == "ForbiddenAddress", result
+    assert "allow_hosts" in (result.response or "")
+    assert SLACK_PATH_PART not in repr(result)
+    if address is not None:
+        assert address in (result.response or "")
+
+
+@pytest.mark.parametrize("template", FORBIDDEN_URLS)
+async def test_forbidden_urls_make_no_connection(template: str, sockets: RecordingSockets) -> None:
+    """Through the HTTP stack itself, plain http included: REJECTED before any socket."""
+    recorder = Recorder()
+    async with serve(recorder.app()) as port:
+        client = HttpClient(
+            guard=AddressGuard(), connect_timeout_s=2, read_timeout_s=2, socket_factory=sockets
+        )
+        try:
+            result = await client.request("POST", template.format(port=port), body=b"{}")
+        finally:
+            await client.aclose()
+    assert isinstance(result, DeliveryResult)
+    assert_forbidden(result)
+    assert sockets.connects == []
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize("channel", GUARDED)
+@pytest.mark.parametrize("template", FORBIDDEN_URLS)
+async def test_connectors_reject_forbidden_urls(
+    channel: str, template: str, sockets: RecordingSockets
+) -> None:
+    """Every guarded connector: REJECTED with error_class ForbiddenAddress, no connection."""
+    recorder = Recorder()
+    async with serve(recorder.app()) as port:
+        url = template.format(port=port).replace("http://", "https://")
+        connector, sent = guarded(channel, url, sockets=sockets)
+        result = await send(connector, sent)
+    assert_forbidden(result)
+    assert sockets.connects == []
+    assert recorder.requests == []
+
+
+# What a name may resolve to that must not be connected to: the resolver is the attacker's.
+PRIVATE_ANSWERS = [
+    ["127.0.0.1"],
+    ["10.0.0.7"],
+    ["192.168.1.20"],
+    ["169.254.169.254"],
+    ["fd00:ec2::254"],
+    ["::ffff:169.254.169.254"],
+    ["::ffff:10.0.0.7"],
+    ["::1"],
+    ["0.0.0.0"],  # noqa: S104 - an answer, not a bind
+    ["93.184.215.14", "10.0.0.7"],  # one forbidden answer among public ones refuses all
+]
+
+
+@pytest.mark.parametrize("channel", GUARDED)
+@pytest.mark.parametrize("answers", PRIVATE_ANSWERS, ids=[",".join(a) for a in PRIVATE_ANSWERS])
+async def test_names_resolving_to_forbidden_addresses(
+    channel: str, answers: list[str], sockets: RecordingSockets
+) -> None:
+    resolver = ScriptedResolver(answers)
+    connector, sent = guarded(
+        channel, "https://push.example.test/hook", resolver=resolver, sockets=sockets
+    )
+    result = await send(connector, sent)
+    assert_forbidden(result, answers[-1])
+    assert resolver.calls == ["push.example.test"]
+    assert sockets.connects == []
+
+
+async def test_ip_literals_never_reach_the_resolver(sockets: RecordingSockets) -> None:
+    """aiohttp connects to an IP-literal host without asking the resolver: the guard's
+    middleware is what refuses it, and what lets an allowlisted one through."""
+    recorder = Recorder()
+    async with serve(recorder.app()) as port:
+        for allow, expected in (((), "ForbiddenAddress"), (("127.0.0.1",), None)):
+            resolver = ScriptedResolver(["93.184.215.14"])
+            client = HttpClient(
+                guard=AddressGuard(allow, resolver),
+                connect_timeout_s=2,
+                read_timeout_s=2,
+                socket_factory=sockets,
+            )
+            try:
+                result = await client.request("POST", f"http://127.0.0.1:{port}/hook", body=b"")
+            finally:
+                await client.aclose()
+            assert resolver.calls == []
+            if expected is None:
+                assert isinstance(result, Answer) and result.status == 204
+            else:
+                assert isinstance(result, DeliveryResult) and result.error_class == expected
+    assert sockets.connects == [("127.0.0.1", port)]
+    assert len(recorder.requests) == 1
+
+
+async def test_sms_base_url_is_guarded() -> None:
+    """HERALD_SMS_BASE_URL may name any provider: a private one must be allowlisted."""
+    recorder = Recorder()
+    async with serve(recorder.app()) as port:
+        config = SmsSettings(
+            base_url=f"http://127.0.0.1:{port}",
+            account_sid="AC0123456789abcdef0123456789abcdef",
+            auth_token=SecretStr("t0ken"),
+            from_number="+15005550006",
+        )
+        connector = SmsConnector(config)
+        result = await send(connector, intent("+14155550100"))
+    assert_forbidden(result, "127.0.0.1")
+    assert recorder.requests == []
 
 
 # -- the allowlist --------------------------------------------------------------------------------
@@ -277,6 +443,7 @@ class AllowCase:
     host: str
     answers: tuple[str, ...] = ()  # what the injected resolver says
     allowed: bool = True
+    addresses: tuple[str, ...] = ()  # what vet() returns, if not the answers or the host
 
 
 ALLOW_CASES = [
@@ -299,6 +466,11 @@ ALLOW_CASES = [
     AllowCase("v4-network-not-v6-loopback", ("127.0.0.0/8",), "::1", allowed=False),
     AllowCase("empty-allowlist", (), "127.0.0.1", allowed=False),
     AllowCase("public-needs-no-allowlist", (), "example.test", ("93.184.215.14",)),
+    AllowCase("localhost-name", (), "localhost", ("93.184.215.14",), allowed=False),
+    AllowCase("localhost-subdomain", (), "a.b.localhost", ("93.184.215.14",), allowed=False),
+    AllowCase("localhost-listed", ("localhost",), "localhost", ("127.0.0.1",)),
+    AllowCase("legacy-spelling", (), "0x7f.1", allowed=False),
+    AllowCase("legacy-spelling-in-network", ("127.0.0.0/8",), "127.1", addresses=("127.0.0.1",)),
 ]
 
 
@@ -310,7 +482,8 @@ async def test_allowlist(case: AllowCase) -> None:
     guard = AddressGuard(case.allow, resolver)
     if case.allowed:
         got = await guard.vet(case.host, 443)
-        assert got == (list(case.answers) or [str(ipaddress.ip_address(case.host))])
+        want = case.addresses or case.answers or (str(ipaddress.ip_address(case.host)),)
+        assert got == list(want)
     else:
         with pytest.raises(ForbiddenAddressError):
             await guard.vet(case.host, 443)
@@ -325,16 +498,21 @@ def test_allowlisted_host_for_plain_http() -> None:
     assert not guard.allowlisted("10.0.0.1")
 
 
-async def test_allowlisted_name_connects(backend: RecordingBackend) -> None:
+async def test_allowlisted_name_connects(sockets: RecordingSockets) -> None:
     recorder = Recorder()
     async with serve(recorder.app()) as port:
-        client = guarded_client(
-            AddressGuard(["localhost"]), connect_timeout_s=2, read_timeout_s=2, backend=backend
+        client = HttpClient(
+            guard=AddressGuard(["localhost"]),
+            connect_timeout_s=2,
+            read_timeout_s=2,
+            socket_factory=sockets,
         )
-        async with client:
-            resp = await client.post(f"http://localhost:{port}/hook", content=b"{}")
-    assert resp.status_code == 204
-    assert backend.connects == [("127.0.0.1", port)]
+        try:
+            answer = await client.request("POST", f"http://localhost:{port}/hook", body=b"{}")
+        finally:
+            await client.aclose()
+    assert isinstance(answer, Answer) and answer.status == 204
+    assert sockets.connects == [("127.0.0.1", port)]
     assert recorder.requests == [(f"localhost:{port}", "/hook")]
 
 
@@ -353,44 +531,10 @@ def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def intent(recipient: str, **kw: Any) -> NotificationIntent:
-    fields: dict[str, Any] = {
-        "notification_id": notification_id("e-1", "hook", "webhook", recipient),
-        "event_id": "0b9f3c5e-7a61-4d2b-9c8e-5f4a3b2c1d0e",
-        "event_type": "user-registered",
-        "rule": "hook",
-        "channel": "webhook",
-        "recipient": recipient,
-        "subject": "Welcome",
-        "body_text": "Hi Ada",
-    }
-    fields.update(kw)
-    return NotificationIntent(**fields)
-
-
-class ScriptedResolver:
-    """Answers each lookup with the next list of addresses (the last one repeats)."""
-
-    def __init__(self, *answers: Sequence[str]) -> None:
-        self.answers = [list(a) for a in answers]
-        self.calls: list[str] = []
-
-    async def __call__(self, host: str, port: int) -> list[str]:
-        self.calls.append(host)
-        return self.answers[min(len(self.calls), len(self.answers)) - 1]
-
-
-def webhook_config(ca_file: Path, allow: list[str]) -> WebhookSettings:
-    return WebhookSettings(
-        secrets=SecretStr(f'{{"default": ["{new_secret()}"]}}'),
-        allow_hosts=allow,
-        ca_file=ca_file,
-        connect_timeout_s=2,
-        read_timeout_s=2,
-    )
-
-
-async def test_no_dns_rebinding(ca: trustme.CA, ca_file: Path, backend: RecordingBackend) -> None:
+@pytest.mark.parametrize("channel", GUARDED)
+async def test_no_dns_rebinding(
+    channel: str, ca: trustme.CA, ca_file: Path, sockets: RecordingSockets
+) -> None:
     """The name first resolves to an allowed address, then (a rebinding attacker's second
     answer) to a forbidden one. The request goes to the first address; nothing ever
     reaches the second, which has a server of its own listening on the same port."""
@@ -400,61 +544,90 @@ async def test_no_dns_rebinding(ca: trustme.CA, ca_file: Path, backend: Recordin
         serve(evil.app(), "127.0.0.2", port, ssl_context=evil.tls(ca, "hooks.test")),
     ):
         resolver = ScriptedResolver(["127.0.0.1"], ["127.0.0.2"])
-        config = webhook_config(ca_file, ["127.0.0.1/32"])
-        connector = WebhookConnector(config, resolver=resolver, network_backend=backend)
+        connector, sent = guarded(
+            channel,
+            f"https://hooks.test:{port}/hook",
+            allow=["127.0.0.1/32"],
+            resolver=resolver,
+            sockets=sockets,
+            ca_file=ca_file,
+        )
         try:
-            first = await connector.send(intent(f"https://hooks.test:{port}/hook"))
-            await connector.aclose()  # no pooled connection: the next send resolves again
-            second = await connector.send(intent(f"https://hooks.test:{port}/hook"))
+            first = await connector.send(sent)
+            await connector.aclose()  # no pooled connection or cached answer: resolve again
+            second = await connector.send(sent)
         finally:
             await connector.aclose()
     assert first.outcome is Outcome.SENT, first
-    assert second.outcome is Outcome.REJECTED and second.error_class == "ForbiddenAddress"
-    assert "127.0.0.2" in (second.response or "")
+    assert_forbidden(second, "127.0.0.2")
     assert resolver.calls == ["hooks.test", "hooks.test"]  # once per connection, no more
-    assert backend.connects == [("127.0.0.1", port)]
-    assert good.requests == [(f"hooks.test:{port}", "/hook")]
+    assert sockets.connects == [("127.0.0.1", port)]
+    assert [host for host, _ in good.requests] == [f"hooks.test:{port}"]
     assert good.sni == ["hooks.test"]  # TLS for the hostname, not the IP
     assert evil.requests == [] and evil.sni == []
 
 
-async def test_one_forbidden_answer_refuses_all(
-    ca: trustme.CA, ca_file: Path, backend: RecordingBackend
-) -> None:
-    """An allowed address first and a forbidden one second in the same answer: refused
-    before any connection, not "connect to the first and hope"."""
-    good, evil = Recorder(), Recorder()
-    async with (
-        serve(good.app(), "127.0.0.1", ssl_context=good.tls(ca, "hooks.test")) as port,
-        serve(evil.app(), "127.0.0.2", port, ssl_context=evil.tls(ca, "hooks.test")),
-    ):
-        resolver = ScriptedResolver(["127.0.0.1", "127.0.0.2"])
-        config = webhook_config(ca_file, ["127.0.0.1/32"])
-        connector = WebhookConnector(config, resolver=resolver, network_backend=backend)
+@pytest.mark.parametrize("channel", GUARDED)
+async def test_public_answer_then_private_answer(channel: str, sockets: RecordingSockets) -> None:
+    """One answer is checked and connected to. A name that answers with a public address,
+    then (TTL 0) with a private one: the connection goes to the public address (which this
+    test's safety net refuses), never to the private one, where a server listens; a guard
+    that checked one answer and connected with another would reach it. The next lookup's
+    private answer is refused."""
+    recorder = Recorder()
+    async with serve(recorder.app()) as port:
+        resolver = ScriptedResolver(["93.184.215.14"], ["127.0.0.1"])
+        connector, sent = guarded(
+            channel, f"https://rebind.example.test:{port}/hook", resolver=resolver, sockets=sockets
+        )
         try:
-            result = await connector.send(intent(f"https://hooks.test:{port}/hook"))
+            first = await connector.send(sent)
+            await connector.aclose()
+            second = await connector.send(sent)
         finally:
             await connector.aclose()
-    assert result.outcome is Outcome.REJECTED and result.error_class == "ForbiddenAddress"
-    assert resolver.calls == ["hooks.test"]
-    assert backend.connects == []
-    assert good.requests == evil.requests == []
+    assert (first.outcome, first.error_class) == (Outcome.RETRYABLE, "ConnectError"), first
+    assert_forbidden(second, "127.0.0.1")
+    assert resolver.calls == ["rebind.example.test", "rebind.example.test"]
+    assert sockets.connects == [("93.184.215.14", port)]
+    assert recorder.requests == []
+
+
+REDIRECT_CLASS = {"webhook": "Redirect", "slack": "Redirect", "webpush": "HTTP302"}
+
+
+@pytest.mark.parametrize("channel", GUARDED)
+async def test_redirects_are_not_followed(channel: str, sockets: RecordingSockets) -> None:
+    recorder = Recorder(status=302)
+    async with serve(recorder.app()) as port:
+        recorder.location = f"http://127.0.0.1:{port}/elsewhere"
+        connector, sent = guarded(
+            channel, f"http://127.0.0.1:{port}/hook", allow=["127.0.0.1"], sockets=sockets
+        )
+        result = await send(connector, sent)
+    assert (result.outcome, result.error_class) == (Outcome.REJECTED, REDIRECT_CLASS[channel])
+    assert len(recorder.requests) == 1
+    assert "/elsewhere" not in recorder.requests[0][1]
+    assert len(sockets.connects) == 1
 
 
 async def test_next_vetted_address_when_one_refuses(
-    ca: trustme.CA, ca_file: Path, backend: RecordingBackend
+    ca: trustme.CA, ca_file: Path, sockets: RecordingSockets
 ) -> None:
     recorder = Recorder()
     async with serve(recorder.app(), ssl_context=recorder.tls(ca, "hooks.test")) as port:
         resolver = ScriptedResolver(["127.0.0.3", "127.0.0.1"])  # nothing on 127.0.0.3
-        config = webhook_config(ca_file, ["127.0.0.0/8"])
-        connector = WebhookConnector(config, resolver=resolver, network_backend=backend)
-        try:
-            result = await connector.send(intent(f"https://hooks.test:{port}/hook"))
-        finally:
-            await connector.aclose()
+        connector, sent = guarded(
+            "webhook",
+            f"https://hooks.test:{port}/hook",
+            allow=["127.0.0.0/8"],
+            resolver=resolver,
+            sockets=sockets,
+            ca_file=ca_file,
+        )
+        result = await send(connector, sent)
     assert result.outcome is Outcome.SENT, result
-    assert backend.connects == [("127.0.0.3", port), ("127.0.0.1", port)]
+    assert sockets.connects == [("127.0.0.3", port), ("127.0.0.1", port)]
     assert len(recorder.requests) == 1
 
 
@@ -466,26 +639,29 @@ async def test_next_vetted_address_when_one_refuses(
 async def test_certificate_is_verified_for_the_url_host(
     ca: trustme.CA,
     ca_file: Path,
-    backend: RecordingBackend,
+    sockets: RecordingSockets,
     cert_names: tuple[str, ...],
     host: str,
 ) -> None:
     """Pinning the IP does not weaken TLS: the certificate must match the URL's host."""
     recorder = Recorder()
     async with serve(recorder.app(), ssl_context=recorder.tls(ca, *cert_names)) as port:
-        resolver = ScriptedResolver(["127.0.0.1"])
-        config = webhook_config(ca_file, ["127.0.0.1/32"])
-        connector = WebhookConnector(config, resolver=resolver, network_backend=backend)
-        try:
-            result = await connector.send(intent(f"https://{host}:{port}/hook"))
-        finally:
-            await connector.aclose()
+        connector, sent = guarded(
+            "webhook",
+            f"https://{host}:{port}/hook",
+            allow=["127.0.0.1/32"],
+            resolver=ScriptedResolver(["127.0.0.1"]),
+            sockets=sockets,
+            ca_file=ca_file,
+        )
+        result = await send(connector, sent)
     assert result.outcome is Outcome.RETRYABLE, result
+    assert result.error_class == "ConnectError"
     assert "certificate" in (result.response or "").lower()
     assert recorder.requests == []
 
 
-async def test_resolution_failures_are_retryable(backend: RecordingBackend) -> None:
+async def test_resolution_failures_are_retryable(sockets: RecordingSockets) -> None:
     async def nxdomain(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
@@ -498,39 +674,39 @@ async def test_resolution_failures_are_retryable(backend: RecordingBackend) -> N
 
     cases = ((nxdomain, "ConnectError"), (slow, "ConnectTimeout"), (empty, "ConnectError"))
     for resolver, error_class in cases:
-        config = WebhookSettings(
-            secrets=SecretStr(f'{{"default": ["{new_secret()}"]}}'), connect_timeout_s=0.2
+        connector, sent = guarded(
+            "webhook",
+            "https://hooks.test/hook",
+            resolver=resolver,
+            sockets=sockets,
+            connect_timeout_s=0.2,
         )
-        connector = WebhookConnector(config, resolver=resolver, network_backend=backend)
-        try:
-            result = await connector.send(intent("https://hooks.test/hook"))
-        finally:
-            await connector.aclose()
+        result = await send(connector, sent)
         assert result.outcome is Outcome.RETRYABLE, result
         assert result.error_class == error_class
-    assert backend.connects == []
+    assert sockets.connects == []
 
 
 async def test_environment_proxies_are_ignored(
-    monkeypatch: pytest.MonkeyPatch, backend: RecordingBackend
+    monkeypatch: pytest.MonkeyPatch, sockets: RecordingSockets
 ) -> None:
     """A proxy would resolve the name itself, past the guard: the client never uses one."""
     target, proxy = Recorder(), Recorder()
     async with serve(target.app()) as port, serve(proxy.app()) as proxy_port:
         for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy_port}")
-        client = guarded_client(
-            AddressGuard(["127.0.0.1"]), connect_timeout_s=2, read_timeout_s=2, backend=backend
+        client = HttpClient(
+            guard=AddressGuard(["127.0.0.1"]),
+            connect_timeout_s=2,
+            read_timeout_s=2,
+            socket_factory=sockets,
         )
-        async with client:
-            resp = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
-    assert resp.status_code == 204
+        try:
+            answer = await client.request("POST", f"http://127.0.0.1:{port}/hook", body=b"{}")
+        finally:
+            await client.aclose()
+    assert isinstance(answer, Answer) and answer.status == 204
     assert len(target.requests) == 1 and proxy.requests == []
-
-
-async def test_unix_sockets_are_refused() -> None:
-    with pytest.raises(ForbiddenAddressError):
-        await GuardedBackend(AddressGuard()).connect_unix_socket("/run/docker.sock")
 
 
 # -- Retry-After ----------------------------------------------------------------------------------

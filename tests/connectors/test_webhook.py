@@ -28,7 +28,7 @@ from connectors.webhook import (
     parse_secrets,
 )
 from pipeline.records import NotificationIntent, notification_id
-from tests.connectors.test_ssrf import RecordingBackend, closed_port, serve
+from tests.connectors.test_ssrf import RecordingSockets, closed_port, serve
 
 OLD = new_secret()
 NEW = new_secret()
@@ -36,9 +36,9 @@ OTHER = new_secret()
 
 
 @pytest.fixture
-def backend() -> RecordingBackend:
+def sockets() -> RecordingSockets:
     """Records every connection and refuses all but loopback (see test_ssrf)."""
-    return RecordingBackend()
+    return RecordingSockets()
 
 
 @dataclass
@@ -125,9 +125,9 @@ def intent(recipient: str, **kw: Any) -> NotificationIntent:
 
 
 async def deliver(
-    settings: WebhookSettings, sent: NotificationIntent, backend: RecordingBackend
+    settings: WebhookSettings, sent: NotificationIntent, sockets: RecordingSockets
 ) -> DeliveryResult:
-    connector = WebhookConnector(settings, network_backend=backend)
+    connector = WebhookConnector(settings, socket_factory=sockets)
     try:
         return await connector.send(sent)
     finally:
@@ -204,11 +204,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-async def test_outcomes(case: Case, backend: RecordingBackend) -> None:
+async def test_outcomes(case: Case, sockets: RecordingSockets) -> None:
     receiver = Receiver(status=case.status, headers=case.headers, body=case.body)
     async with receiving(receiver) as base:
         sent = intent(f"{base}/hooks/orders")
-        result = await deliver(config(), sent, backend)
+        result = await deliver(config(), sent, sockets)
 
     assert result.outcome is case.outcome, result
     assert result.error_class == case.error_class
@@ -224,15 +224,15 @@ async def test_outcomes(case: Case, backend: RecordingBackend) -> None:
     assert got.verified_by == [OLD]
     assert got.headers["Idempotency-Key"] == got.headers["webhook-id"] == sent.idempotency_key
     assert got.headers["Content-Type"] == "application/json"
-    assert len(backend.connects) == 1
+    assert len(sockets.connects) == 1
 
 
-async def test_payload_shape(backend: RecordingBackend) -> None:
+async def test_payload_shape(sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
         sent = intent(f"{base}/hook", generation=2)
         before = int(datetime.now(UTC).timestamp())
-        assert (await deliver(config(), sent, backend)).outcome is Outcome.SENT
+        assert (await deliver(config(), sent, sockets)).outcome is Outcome.SENT
     [got] = receiver.requests
     assert json.loads(got.body) == {
         "type": "order-shipped",
@@ -253,22 +253,22 @@ async def test_payload_shape(backend: RecordingBackend) -> None:
     assert got.headers["webhook-id"] == sent.idempotency_key != sent.notification_id
 
 
-async def test_redirect_is_rejected_and_not_followed(backend: RecordingBackend) -> None:
+async def test_redirect_is_rejected_and_not_followed(sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
         receiver.status = 301
         receiver.headers = {"Location": f"{base}/elsewhere"}
-        result = await deliver(config(), intent(f"{base}/hook"), backend)
+        result = await deliver(config(), intent(f"{base}/hook"), sockets)
     assert result.outcome is Outcome.REJECTED, result
     assert result.error_class == "Redirect"
     assert "/elsewhere" in (result.response or "")
     assert [r.path for r in receiver.requests] == ["/hook"]  # the target was not requested
 
 
-async def test_read_timeout_is_retryable(backend: RecordingBackend) -> None:
+async def test_read_timeout_is_retryable(sockets: RecordingSockets) -> None:
     receiver = Receiver(delay=5.0)
     async with receiving(receiver) as base:
-        result = await deliver(config(read_timeout_s=0.3), intent(f"{base}/hook"), backend)
+        result = await deliver(config(read_timeout_s=0.3), intent(f"{base}/hook"), sockets)
     assert result.outcome is Outcome.RETRYABLE, result
     assert result.error_class == "ReadTimeout"
     assert len(receiver.requests) == 1
@@ -278,7 +278,7 @@ async def test_read_timeout_is_retryable(backend: RecordingBackend) -> None:
     ("status", "outcome"), [(200, Outcome.SENT), (503, Outcome.RETRYABLE)], ids=["200", "503"]
 )
 async def test_total_deadline_bounds_a_trickling_answer(
-    status: int, outcome: Outcome, backend: RecordingBackend
+    status: int, outcome: Outcome, sockets: RecordingSockets
 ) -> None:
     """Each chunk of the body arrives within the read timeout, the whole never does: the
     send ends at the deadline, and the status that did arrive decides."""
@@ -300,7 +300,7 @@ async def test_total_deadline_bounds_a_trickling_answer(
         try:
             settings = config(read_timeout_s=1.0, total_timeout_s=0.5)
             started = asyncio.get_running_loop().time()
-            result = await deliver(settings, intent(f"http://127.0.0.1:{port}/hook"), backend)
+            result = await deliver(settings, intent(f"http://127.0.0.1:{port}/hook"), sockets)
             elapsed = asyncio.get_running_loop().time() - started
         finally:
             release.set()
@@ -309,12 +309,12 @@ async def test_total_deadline_bounds_a_trickling_answer(
     assert elapsed < 2
 
 
-async def test_connection_refused_is_retryable(backend: RecordingBackend) -> None:
+async def test_connection_refused_is_retryable(sockets: RecordingSockets) -> None:
     port = closed_port()
-    result = await deliver(config(), intent(f"http://127.0.0.1:{port}/hook"), backend)
+    result = await deliver(config(), intent(f"http://127.0.0.1:{port}/hook"), sockets)
     assert result.outcome is Outcome.RETRYABLE, result
     assert result.error_class == "ConnectError"
-    assert backend.connects == [("127.0.0.1", port)]
+    assert sockets.connects == [("127.0.0.1", port)]
 
 
 MALFORMED = [
@@ -332,7 +332,7 @@ MALFORMED = [
     ids=["closed-without-answer", "garbage-status-line", "200-body-cut", "503-body-cut"],
 )
 async def test_malformed_answers(
-    answer: bytes, outcome: Outcome, backend: RecordingBackend
+    answer: bytes, outcome: Outcome, sockets: RecordingSockets
 ) -> None:
     """No status line: we cannot know whether the receiver took it, so retry (it drops the
     duplicate by webhook-id). A status line followed by a broken body: the status decides."""
@@ -348,7 +348,7 @@ async def test_malformed_answers(
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        result = await deliver(config(), intent(f"http://127.0.0.1:{port}/hook"), backend)
+        result = await deliver(config(), intent(f"http://127.0.0.1:{port}/hook"), sockets)
     finally:
         server.close()
         await server.wait_closed()
@@ -360,10 +360,10 @@ async def test_malformed_answers(
     assert len(seen) == 1
 
 
-async def test_large_answer_is_cut(backend: RecordingBackend) -> None:
+async def test_large_answer_is_cut(sockets: RecordingSockets) -> None:
     receiver = Receiver(status=500, body="x" * 5_000_000)
     async with receiving(receiver) as base:
-        result = await deliver(config(), intent(f"{base}/hook"), backend)
+        result = await deliver(config(), intent(f"{base}/hook"), sockets)
     assert result.outcome is Outcome.RETRYABLE
     assert result.response is not None and len(result.response) <= 300
 
@@ -402,7 +402,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("case", REFUSED, ids=[c.id for c in REFUSED])
-async def test_refused_before_sending(case: Refused, backend: RecordingBackend) -> None:
+async def test_refused_before_sending(case: Refused, sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
         url = case.url.format(
@@ -411,21 +411,21 @@ async def test_refused_before_sending(case: Refused, backend: RecordingBackend) 
             https_base=base.replace("http://", "https://"),
         )
         settings = config(case.secrets, allow_hosts=list(case.allow))
-        result = await deliver(settings, intent(url), backend)
+        result = await deliver(settings, intent(url), sockets)
     assert result.outcome is Outcome.REJECTED, result
     assert result.error_class == case.error_class
     assert result.response
     assert receiver.requests == []
-    assert backend.connects == []
+    assert sockets.connects == []
 
 
-async def test_payload_too_large(backend: RecordingBackend) -> None:
+async def test_payload_too_large(sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
         big = intent(f"{base}/hook", body_text="x" * (WebhookConnector.max_body_bytes + 1))
-        result = await deliver(config(), big, backend)
+        result = await deliver(config(), big, sockets)
     assert result.outcome is Outcome.REJECTED and result.error_class == "PayloadTooLarge"
-    assert receiver.requests == [] and backend.connects == []
+    assert receiver.requests == [] and sockets.connects == []
 
 
 # -- secrets and rotation -------------------------------------------------------------------------
@@ -442,11 +442,11 @@ ROTATION = [
 
 @pytest.mark.parametrize(("signing", "knows", "verifies"), ROTATION)
 async def test_key_rotation(
-    signing: list[str], knows: list[str], verifies: bool, backend: RecordingBackend
+    signing: list[str], knows: list[str], verifies: bool, sockets: RecordingSockets
 ) -> None:
     receiver = Receiver(knows=knows)
     async with receiving(receiver) as base:
-        result = await deliver(config({"default": signing}), intent(f"{base}/hook"), backend)
+        result = await deliver(config({"default": signing}), intent(f"{base}/hook"), sockets)
     assert result.outcome is Outcome.SENT  # the receiver here answers 204 regardless
     [got] = receiver.requests
     signatures = got.headers["webhook-signature"].split(" ")
@@ -456,11 +456,11 @@ async def test_key_rotation(
     _secret_free(result)
 
 
-async def test_per_endpoint_secrets(backend: RecordingBackend) -> None:
+async def test_per_endpoint_secrets(sockets: RecordingSockets) -> None:
     receiver = Receiver(knows=[NEW, OLD, OTHER])
     async with receiving(receiver) as base:
         secrets = {f"{base}/hooks/a": [NEW, OLD], "default": [OTHER]}
-        connector = WebhookConnector(config(secrets), network_backend=backend)
+        connector = WebhookConnector(config(secrets), socket_factory=sockets)
         try:
             a = await connector.send(intent(f"{base}/hooks/a"))
             b = await connector.send(intent(f"{base}/hooks/b"))
@@ -470,14 +470,14 @@ async def test_per_endpoint_secrets(backend: RecordingBackend) -> None:
     by_path = {r.path: r for r in receiver.requests}
     assert by_path["/hooks/a"].verified_by == [NEW, OLD]
     assert by_path["/hooks/b"].verified_by == [OTHER]
-    assert len(backend.connects) == 1  # one kept-alive connection for both
+    assert len(sockets.connects) == 1  # one kept-alive connection for both
 
 
-async def test_same_id_on_resend_new_id_on_redelivery(backend: RecordingBackend) -> None:
+async def test_same_id_on_resend_new_id_on_redelivery(sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
         first = intent(f"{base}/hook")
-        connector = WebhookConnector(config(), network_backend=backend)
+        connector = WebhookConnector(config(), socket_factory=sockets)
         try:
             for sent in (first, first, intent(f"{base}/hook", generation=1)):
                 assert (await connector.send(sent)).outcome is Outcome.SENT
@@ -490,10 +490,10 @@ async def test_same_id_on_resend_new_id_on_redelivery(backend: RecordingBackend)
     assert all(r.verified_by == [OLD] for r in receiver.requests)
 
 
-async def test_concurrent_sends(backend: RecordingBackend) -> None:
+async def test_concurrent_sends(sockets: RecordingSockets) -> None:
     receiver = Receiver()
     async with receiving(receiver) as base:
-        connector = WebhookConnector(config(max_connections=4), network_backend=backend)
+        connector = WebhookConnector(config(max_connections=4), socket_factory=sockets)
         try:
             sends = [intent(f"{base}/hook/{i}") for i in range(20)]
             results = await asyncio.gather(*(connector.send(s) for s in sends))
@@ -502,7 +502,7 @@ async def test_concurrent_sends(backend: RecordingBackend) -> None:
     assert all(r.outcome is Outcome.SENT for r in results)
     assert len(receiver.requests) == 20
     assert all(r.verified_by == [OLD] for r in receiver.requests)
-    assert 1 <= len(backend.connects) <= 4
+    assert 1 <= len(sockets.connects) <= 4
 
 
 BAD_SECRETS: list[tuple[str, str]] = [

@@ -113,6 +113,7 @@ async def test_one_event_reaches_every_channel(settings: HeraldSettings, tmp_pat
                 HERALD_SLACK_BASE_URL=slack_base,
                 HERALD_SLACK_ALLOW_HOSTS='["127.0.0.0/8"]',
                 HERALD_SMS_BASE_URL=twilio_url,
+                HERALD_SMS_ALLOW_HOSTS="127.0.0.1",
                 HERALD_SMS_ACCOUNT_SID=sms.ACCOUNT_SID,
                 HERALD_SMS_AUTH_TOKEN=sms.AUTH_TOKEN,
                 HERALD_SMS_FROM_NUMBER=sms.FROM,
