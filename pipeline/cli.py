@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from pipeline.settings import HeraldSettings, project_root
 
@@ -254,6 +255,142 @@ def cmd_replay(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+def _open_ledger_or_none(settings: HeraldSettings, command: str) -> Any:
+    from pipeline.sink.ledger import LedgerError, open_ledger
+
+    try:
+        return open_ledger(settings.ledger_url.get_secret_value())
+    except LedgerError as e:
+        print(f"herald {command}: ledger unavailable ({e})", file=sys.stderr)
+        return None
+
+
+def cmd_trace(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    import json
+
+    from connectors.registry import installed_channels
+    from pipeline.replay import parse_duration
+    from pipeline.serialization import serde_from_settings
+    from pipeline.trace import trace
+
+    since = datetime.now(UTC) - parse_duration(args.since) if args.since else None
+    ledger = None if args.no_ledger else _open_ledger_or_none(settings, "trace")
+    serde = serde_from_settings(settings)
+    entries = trace(settings, serde, ledger, args.id, installed_channels(), since)
+    if not entries:
+        print(f"herald trace: nothing about {args.id}", file=sys.stderr)
+        return 1
+    for e in entries:
+        if args.json:
+            print(json.dumps(e.to_json(), ensure_ascii=False))
+        else:
+            at = e.at.isoformat(timespec="milliseconds")
+            print(f"{at}  {e.kind:<11}  {e.where:<40}  {e.summary}")
+    return 0
+
+
+def _dlq_topics(args: argparse.Namespace, settings: HeraldSettings) -> list[str]:
+    from connectors.registry import installed_channels
+    from pipeline.topics import Topics
+
+    topics = Topics(settings.topic_prefix)
+    if args.events:
+        return [topics.events_dlq]
+    channels = [args.channel] if args.channel else installed_channels()
+    out = [topics.notifications_dlq(c) for c in channels]
+    return out if args.channel else [topics.events_dlq, *out]
+
+
+def cmd_dlq(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    import json
+
+    from pipeline.dlq import list_dead_letters
+    from pipeline.replay import ReplayError, parse_duration, parse_time
+
+    if args.dlq_command == "show":
+        return _dlq_show(args, settings)
+    try:
+        since = datetime.now(UTC) - parse_duration(args.since) if args.since else None
+        if args.from_time:
+            since = parse_time(args.from_time)
+        until = parse_time(args.until_time) if args.until_time else None
+    except ReplayError as e:
+        print(f"herald dlq: {e}", file=sys.stderr)
+        return 2
+    if args.dlq_command == "list":
+        topics = _dlq_topics(args, settings)
+        found = list_dead_letters(
+            settings, topics, error_class=args.error_class, since=since, until=until
+        )
+        for v in found:
+            print(json.dumps(v.__dict__, default=str) if args.json else v.line())
+        print(f"{len(found)} dead letter(s)", file=sys.stderr)
+        return 0
+    return _dlq_redrive(args, settings, since, until)
+
+
+def _dlq_show(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    from pipeline.inspect import message_to_json
+    from pipeline.serialization import serde_from_settings
+
+    topic, _, rest = args.where.rpartition("[")
+    partition, _, offset = rest.partition("]@")
+    if not topic or not partition.isdigit() or not offset.isdigit():
+        print("herald dlq show: give TOPIC[PARTITION]@OFFSET as `dlq list` prints", file=sys.stderr)
+        return 2
+    conf = settings.consumer_config(f"herald-dlq-{uuid.uuid4()}")
+    conf.pop("group.instance.id", None)
+    consumer = Consumer(conf)
+    try:
+        consumer.assign([TopicPartition(topic, int(partition), int(offset))])
+        msg = consumer.poll(10)
+        if msg is None or msg.error() or msg.offset() != int(offset):
+            print(f"herald dlq show: no record at {args.where}", file=sys.stderr)
+            return 1
+        print(message_to_json(msg, serde_from_settings(settings)))
+        return 0
+    finally:
+        consumer.close()
+
+
+def _dlq_redrive(
+    args: argparse.Namespace,
+    settings: HeraldSettings,
+    since: datetime | None,
+    until: datetime | None,
+) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.replay import ReplayError, ReplayOptions, replay
+    from pipeline.serialization import serde_from_settings
+
+    ledger = None if args.no_ledger else _open_ledger_or_none(settings, "dlq redrive")
+    if ledger is None and not args.no_ledger:
+        return 1
+    existing = AdminClient(settings.admin_config()).list_topics(timeout=10).topics
+    for topic in _dlq_topics(args, settings):
+        if topic not in existing:
+            continue
+        options = ReplayOptions(
+            source=topic,
+            from_time=since,
+            until_time=until,
+            error_class=args.error_class,
+            notification_id=args.notification_id,
+            dry_run=args.dry_run,
+        )
+        try:
+            stats = replay(settings, options, serde_from_settings(settings), ledger)
+        except ReplayError as e:
+            print(f"herald dlq redrive: {e}", file=sys.stderr)
+            return 2
+        verb = "would redrive" if args.dry_run else "redrove"
+        print(f"{topic}: {verb}: {stats.line()}")
+    return 0
+
+
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     import textwrap
 
@@ -320,6 +457,38 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--max", type=int, default=None, help="stop after N records")
     tl.add_argument("--idle-timeout", type=float, default=None, help="stop after S idle seconds")
     tl.set_defaults(func=cmd_tail)
+
+    tr = sub.add_parser("trace", help="every record about an event or notification, in order")
+    tr.add_argument("id", help="an event id or a notification id")
+    tr.add_argument("--since", help="read records from this long ago only (e.g. 2h)")
+    tr.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    tr.add_argument("--no-ledger", action="store_true", help="topics only")
+    tr.set_defaults(func=cmd_trace)
+
+    dq = sub.add_parser("dlq", help="dead letters: list, show, redrive")
+    dsub = dq.add_subparsers(dest="dlq_command", required=True)
+    for name, text in (
+        ("list", "list dead letters with their reason"),
+        ("redrive", "send dead letters back where they came from (idempotent)"),
+    ):
+        d = dsub.add_parser(name, help=text)
+        which = d.add_mutually_exclusive_group()
+        which.add_argument("--channel", help="notifications.<channel>.dlq only")
+        which.add_argument("--events", action="store_true", help="events.dlq only (the router's)")
+        d.add_argument("--error-class", help="only dead letters of this error class")
+        d.add_argument("--since", help="failed within this long (e.g. 2h)")
+        d.add_argument("--from-time", help="failed at or after this time (ISO-8601)")
+        d.add_argument("--until-time", help="failed at or before this time (ISO-8601)")
+        if name == "list":
+            d.add_argument("--json", action="store_true")
+        else:
+            d.add_argument("--notification-id")
+            d.add_argument("--dry-run", action="store_true", help="count, write nothing")
+            d.add_argument("--no-ledger", action="store_true", help="do not consult the ledger")
+        d.set_defaults(func=cmd_dlq)
+    show = dsub.add_parser("show", help="one dead letter, whole, as JSON")
+    show.add_argument("where", help="TOPIC[PARTITION]@OFFSET, as `dlq list` prints it")
+    show.set_defaults(func=cmd_dlq)
 
     rp = sub.add_parser("replay", help="write a topic's records again, for redelivery")
     rp.add_argument("topic", help="source topic: events, notifications or a dead-letter topic")

@@ -88,6 +88,7 @@ class ReplayOptions:
     event_id: str | None = None
     notification_id: str | None = None
     recipient: str | None = None
+    error_class: str | None = None  # dead letters of this herald-error-class only
     force: bool = False
     dry_run: bool = False
     rate: float | None = None  # records per second
@@ -263,6 +264,9 @@ def _one(
         stats.filtered += 1
         return
     if options.event_id and hdrs.get(h.EVENT_ID) != options.event_id:
+        stats.filtered += 1
+        return
+    if options.error_class and hdrs.get(h.ERROR_CLASS) != options.error_class:
         stats.filtered += 1
         return
     intent: NotificationIntent | None = None

@@ -30,7 +30,10 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
     ("4 connectors", ("connectors",)),
     ("5 router and sink runtime", ("pipeline.router", "pipeline.sink")),
-    ("6 CLI, HTTP API, replay", ("pipeline.cli", "pipeline.api", "pipeline.replay")),
+    (
+        "6 CLI, HTTP API, replay, trace, dlq",
+        ("pipeline.cli", "pipeline.api", "pipeline.replay", "pipeline.trace", "pipeline.dlq"),
+    ),
 ]
 
 # Connectors know intents and results: never Kafka, settings of the core, or the runtime.
