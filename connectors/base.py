@@ -26,7 +26,9 @@ class DeliveryResult:
     response: str | None = None  # the provider's answer, as it said it
     provider_message_id: str | None = None
     error_class: str | None = None
-    retry_after: float | None = None  # seconds, when the provider said how long to wait
+    # Seconds, when the provider said how long to wait (HTTP Retry-After, SMTP 421): on a
+    # RETRYABLE result the sink pauses the channel that long (see Connector.send).
+    retry_after: float | None = None
 
     @classmethod
     def sent(cls, response: str | None = None, message_id: str | None = None) -> Self:
@@ -46,14 +48,32 @@ class DeliveryResult:
 class Connector(ABC):
     """Delivers intents on one channel.
 
-    Subclasses set ``channel`` and may declare their limits as class attributes; the sink
-    runtime reads them. They implement ``send`` and, when they hold connections, ``aclose``.
+    Subclasses set ``channel`` and declare the provider's limits in the three attributes
+    below; the sink runtime enforces them, the same way for every connector, so a connector
+    holds no semaphore or rate limiter of its own. They implement ``send`` and, when they
+    hold connections, ``aclose``.
     """
 
     #: The channel name, as in rules and topic names. Unique across installed connectors.
     channel: ClassVar[str]
-    #: Most bytes of body the provider takes; larger intents are rejected before sending.
-    max_body_bytes: ClassVar[int | None] = None
+
+    # Limits. Class attributes; a connector whose limit comes from its settings (a pool
+    # size) may set one on the instance in __init__: the runtime reads them from the
+    # instance once, when the sink worker is built. None means no limit.
+
+    #: Most bytes the provider takes, as measured by ``body_bytes()``. Enforced by the sink
+    #: runtime before any provider call: a larger intent is REJECTED with error class
+    #: ``PayloadTooLarge`` (its size and this limit in the message) and dead-lettered.
+    max_body_bytes: int | None = None
+    #: Most sends in flight to the provider at once in one sink process, across all the
+    #: partitions it holds. Enforced by the sink runtime around ``send()``; without it only
+    #: the in-flight windows (``HERALD_SINK_MAX_IN_FLIGHT`` per partition) bound it.
+    max_concurrency: int | None = None
+    #: Most sends per second one sink process starts: a token bucket in the sink runtime
+    #: holding one second's worth, so a burst after a quiet spell is at most
+    #: ``max(1, rate_per_second)`` sends. Several sink processes each get this rate.
+    rate_per_second: float | None = None
+
     #: The connector's own settings: a pydantic-settings class with its own env prefix
     #: (e.g. HERALD_WEBHOOK_), secrets as SecretStr. `herald connectors list` shows them.
     #: The connector is built from an instance of it and from nothing else: it never sees
@@ -78,9 +98,24 @@ class Connector(ABC):
 
     @abstractmethod
     async def send(self, intent: NotificationIntent) -> DeliveryResult:
-        """Deliver one intent. Called concurrently (up to the sink's in-flight limit) for
-        intents of different partitions and of one partition. Must not raise for a provider
-        failure: return RETRYABLE or REJECTED. An exception is treated as RETRYABLE."""
+        """Deliver one intent. Called concurrently, for intents of one partition and of
+        several, up to ``max_concurrency`` at once and ``rate_per_second``, and never for an
+        intent over ``max_body_bytes`` (the runtime rejects those). Must not raise for a
+        provider failure: return RETRYABLE or REJECTED. An exception is treated as
+        RETRYABLE. A RETRYABLE with ``retry_after`` (the provider said how long to wait)
+        pauses the whole channel for that long, up to ``HERALD_SINK_MAX_THROTTLE_MS``, and
+        the same attempt is sent again afterwards."""
+
+    def body_bytes(self, intent: NotificationIntent) -> int:
+        """The size checked against ``max_body_bytes``: the UTF-8 bytes of the subject, the
+        text body and the HTML body. The one definition the runtime uses; a connector whose
+        payload is larger (a JSON envelope) may override it to measure what it sends, never
+        less than this."""
+        return sum(
+            len(part.encode("utf-8"))
+            for part in (intent.subject, intent.body_text, intent.body_html)
+            if part
+        )
 
     def describe_recipient(self, recipient: str) -> str:
         """The recipient as statuses, the ledger and logs show it. Override when the

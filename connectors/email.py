@@ -199,7 +199,10 @@ class EmailConnector(Connector):
     def __init__(self, settings: EmailSettings) -> None:
         self.settings = settings
         self._idle: asyncio.LifoQueue[aiosmtplib.SMTP] = asyncio.LifoQueue()
-        self._slots = asyncio.Semaphore(max(1, settings.smtp_connections))
+        # The sink runtime keeps at most this many sends in flight; the semaphore only keeps
+        # the pool to that many connections when the connector is used on its own.
+        self.max_concurrency = max(1, settings.smtp_connections)
+        self._slots = asyncio.Semaphore(self.max_concurrency)
         self._tls_context: ssl.SSLContext | None = None
         if settings.smtp_security is not SmtpSecurity.NONE:
             self._tls_context = ssl.create_default_context(

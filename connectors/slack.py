@@ -116,6 +116,8 @@ class SlackConnector(Connector):
                 "HERALD_SLACK_BASE_URL must be https:// (http:// only for a host in "
                 "HERALD_SLACK_ALLOW_HOSTS)"
             )
+        # In-flight sends are the runtime's to hold (one per pooled connection).
+        self.max_concurrency = max(1, config.max_connections)
         self._http = HttpClient(
             guard=self._guard,
             connect_timeout_s=config.connect_timeout_s,

@@ -215,6 +215,8 @@ class WebhookConnector(Connector):
         self.config = config
         self._keys = parse_secrets(config.secrets)
         self._guard = AddressGuard(config.allow_hosts, resolver)
+        # In-flight sends are the runtime's to hold (one per pooled connection).
+        self.max_concurrency = max(1, config.max_connections)
         self._http = HttpClient(
             guard=self._guard,
             connect_timeout_s=config.connect_timeout_s,

@@ -390,6 +390,8 @@ class WebPushConnector(Connector):
             config.vapid_expiry_s,
         )
         self._guard = AddressGuard(config.allow_hosts, resolver)
+        # In-flight sends are the runtime's to hold (one per pooled connection).
+        self.max_concurrency = max(1, config.max_connections)
         self._http = HttpClient(
             guard=self._guard,
             connect_timeout_s=config.connect_timeout_s,

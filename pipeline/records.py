@@ -87,6 +87,9 @@ class DeliveryState(StrEnum):
     RETRYING = "RETRYING"
     REJECTED = "REJECTED"
     DEAD = "DEAD"
+    # The provider asked to wait (a retry-after): the sink paused the channel and sends the
+    # same attempt again. A status only; the ledger never holds it. DeliveryStatus.v2+.
+    THROTTLED = "THROTTLED"
 
 
 @dataclass(frozen=True)

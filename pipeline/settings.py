@@ -75,6 +75,11 @@ class HeraldSettings(BaseSettings):
     breaker_failure_threshold: int = 20  # consecutive retryable failures that open it
     breaker_open_ms: int = 5_000  # first pause; doubles while probes fail
     breaker_open_max_ms: int = 60_000
+    # Longest pause a provider's retry-after (HTTP 429/503 Retry-After, SMTP 421) may impose
+    # on the whole channel. A longer one is an ordinary retryable failure: the record goes
+    # to a retry topic due after that time, so "retry after a day" never freezes a sink.
+    # 0: never pause, every retry-after goes through the retry topics.
+    sink_max_throttle_ms: int = 60_000
 
     # HTTP API (herald run api)
     api_host: str = "127.0.0.1"

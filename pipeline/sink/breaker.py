@@ -1,5 +1,8 @@
 """A per-provider circuit breaker.
 
+For failures without a hint of how long to wait (a provider's retry-after pauses the
+channel through ``limits.Throttle`` instead, and counts neither way here).
+
 Closed: sends flow. After ``threshold`` consecutive retryable failures it opens: the sink
 pauses its partitions and sends nothing for ``open_s`` (backpressure: records stay in Kafka,
 nothing is dropped and no retry is burnt). Then half-open: one probe send at a time; a success
@@ -89,6 +92,12 @@ class CircuitBreaker:
         elif self._state is BreakerState.CLOSED and self._failures >= self.threshold:
             self._current_open_s = self.open_s
             self._open()
+
+    def release_probe(self) -> None:
+        """The probe got no verdict (the provider asked to wait, or the send was given up):
+        let the next sender probe instead, state unchanged."""
+        if self._probe.locked():
+            self._probe.release()
 
     def _open(self) -> None:
         self._state = BreakerState.OPEN

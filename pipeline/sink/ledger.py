@@ -19,11 +19,17 @@ synchronous; the sink serializes them on one thread of its own.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from pipeline.records import DeliveryState
+
+R = TypeVar("R")
 
 __all__ = [
     "TERMINAL",
@@ -33,6 +39,7 @@ __all__ = [
     "LedgerEntry",
     "LedgerError",
     "LedgerOutcome",
+    "LedgerThread",
     "open_ledger",
 ]
 
@@ -169,3 +176,43 @@ def open_ledger(url: str) -> Ledger:
         "HERALD_LEDGER_URL must start with sqlite:/// or postgresql:// "
         f"(got a value starting with {url.split(':', 1)[0]!r})"
     )
+
+
+class LedgerThread:
+    """A ledger called from the event loop: every call runs on one thread of its own, one
+    at a time, so a slow ledger never stalls the loop and calls never interleave."""
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self._ledger = ledger
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, "herald-ledger")
+
+    async def open(self, url: str) -> None:
+        """Open the ledger at ``url`` unless one was given."""
+        if self._ledger is None:
+            self._ledger = await self._run(open_ledger, url)
+
+    async def lookup(self, keys: list[Key]) -> dict[Key, LedgerEntry]:
+        return await self._run(self._get().lookup, keys)
+
+    async def record(
+        self, group: str, outcomes: list[LedgerOutcome], offsets: dict[TP, int]
+    ) -> None:
+        await self._run(self._get().record, group, outcomes, offsets)
+
+    async def offsets(self, group: str, partitions: list[TP]) -> dict[TP, int]:
+        return await self._run(self._get().offsets, group, partitions)
+
+    async def close(self) -> None:
+        try:
+            if self._ledger is not None:
+                await self._run(self._ledger.close)
+        finally:
+            self._thread.shutdown()
+
+    def _get(self) -> Ledger:
+        if self._ledger is None:
+            raise LedgerError("the ledger is not open")
+        return self._ledger
+
+    async def _run(self, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)

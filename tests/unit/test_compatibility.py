@@ -93,3 +93,42 @@ def test_serde_reads_every_version_into_the_newest(
     assert decoded.schema == schemas.latest(writer.full_name)
     assert decoded.writer == f"{writer.full_name}@{writer.fingerprint.hex()}"
     assert set(decoded.record) == set(_fields(schemas.latest(writer.full_name)))
+
+
+def _enums(schema: Schema) -> dict[str, dict[str, Any]]:
+    """Top-level fields whose type is an enum, by field name."""
+    return {
+        name: f["type"]
+        for name, f in _fields(schema).items()
+        if isinstance(f["type"], dict) and f["type"].get("type") == "enum"
+    }
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=[_id(p) for p in PAIRS])
+def test_every_enum_symbol_an_older_version_writes_is_read_by_newer_ones(
+    pair: tuple[Schema, Schema],
+) -> None:
+    """The sample records above carry only an enum's first symbol; try every one."""
+    writer, reader = pair
+    for name, enum in _enums(writer).items():
+        for symbol in enum["symbols"]:
+            record = {**sample_record(writer.parsed), name: symbol}
+            read = fastavro.schemaless_reader(
+                io.BytesIO(_write(writer, record)), writer.parsed, reader.parsed
+            )
+            assert read[name] == symbol
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=[_id(p) for p in PAIRS])
+def test_an_enum_that_gains_symbols_has_a_default_from_then_on(
+    pair: tuple[Schema, Schema],
+) -> None:
+    """Avro resolves a symbol the reader does not know to the READER's enum default, and
+    fails without one. A reader without a default can never be helped afterwards, so the
+    version that first adds a symbol also adds a default, and later additions are readable
+    by every version from then on."""
+    writer, reader = pair
+    for name, enum in _enums(reader).items():
+        older = _enums(writer).get(name)
+        if older is not None and set(enum["symbols"]) - set(older["symbols"]):
+            assert enum.get("default") in enum["symbols"], f"{reader.path}: {name} has no default"

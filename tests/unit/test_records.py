@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import fastavro
 import pytest
+from fastavro.read import SchemaResolutionError
 
 from pipeline.records import (
     DELIVERY_STATUS,
@@ -99,3 +103,66 @@ def test_delivery_status_avro_round_trip(serde: AvroSerde) -> None:
     back = DeliveryStatus.from_avro(serde.decode(data, expect=DELIVERY_STATUS).record)
     assert back == status
     assert back.state is DeliveryState.REJECTED
+
+
+def test_throttled_status_round_trip(serde: AvroSerde) -> None:
+    status = DeliveryStatus(
+        notification_id=intent().notification_id,
+        channel="webhook",
+        recipient="https://example.com/hook",
+        state=DeliveryState.THROTTLED,
+        attempts=0,
+        provider_response="429 Too Many Requests",
+        error_class="HTTP429",
+        occurred_at=datetime(2024, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
+    )
+    data, _ = serde.encode(DELIVERY_STATUS, status.to_avro())
+    back = DeliveryStatus.from_avro(serde.decode(data, expect=DELIVERY_STATUS).record)
+    assert back == status
+
+
+def _status_versions(serde: AvroSerde) -> tuple[Any, Any]:
+    v1, v2 = serde.schemas.versions(DELIVERY_STATUS)[:2]
+    return v1.parsed, v2.parsed
+
+
+def test_a_v1_reader_fails_on_throttled_and_reads_every_other_state(
+    serde: AvroSerde,
+) -> None:
+    """Adding an enum symbol is backward compatible (v2 reads every v1 record) but not
+    forward: a reader on DeliveryStatus.v1, which has no enum default, fails on THROTTLED.
+    That is the one record a v1 reader cannot read; everything else it reads as before."""
+    v1, v2 = _status_versions(serde)
+    record = DeliveryStatus(
+        notification_id=intent().notification_id,
+        channel="email",
+        recipient="a@example.com",
+        state=DeliveryState.THROTTLED,
+        attempts=0,
+    ).to_avro()
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, v2, record)
+    with pytest.raises(SchemaResolutionError, match="THROTTLED"):
+        fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), v2, v1)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, v2, {**record, "state": "SENT"})
+    assert fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), v2, v1)["state"] == "SENT"
+
+
+def test_a_v2_reader_reads_a_state_added_later_as_retrying(serde: AvroSerde) -> None:
+    _, v2 = _status_versions(serde)
+    future = json.loads(json.dumps(serde.schemas.versions(DELIVERY_STATUS)[1].definition))
+    state = next(f for f in future["fields"] if f["name"] == "state")
+    state["type"]["symbols"].append("SUPPRESSED")
+    writer = fastavro.parse_schema(future)
+    record = DeliveryStatus(
+        notification_id=intent().notification_id,
+        channel="email",
+        recipient="a@example.com",
+        state=DeliveryState.SENT,
+        attempts=0,
+    ).to_avro()
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, writer, {**record, "state": "SUPPRESSED"})
+    read = fastavro.schemaless_reader(io.BytesIO(buf.getvalue()), writer, v2)
+    assert read["state"] == "RETRYING"
