@@ -186,6 +186,8 @@ class EmailSettings(BaseSettings):
     smtp_timeout_s: float = 30.0
     # Connections kept open to the server, hence sends in flight at once.
     smtp_connections: int = 4
+    # An SMTP 421 (server busy or limiting us) pauses the email sink this long.
+    smtp_busy_pause_s: float = 30.0
     email_from: str = "Herald <notifications@herald.localhost>"
     # Message-ID is <idempotency key@this domain>.
     message_id_domain: str = "herald.localhost"
@@ -228,17 +230,19 @@ class EmailConnector(Connector):
                 errors, response = await client.sendmail(sender, [recipient], data)
             except aiosmtplib.SMTPRecipientsRefused as e:
                 self._idle.put_nowait(client)  # the session is fine, the recipient was not
-                return _failure(e.recipients[0] if e.recipients else e)
+                return _failure(
+                    e.recipients[0] if e.recipients else e, self.settings.smtp_busy_pause_s
+                )
             except aiosmtplib.SMTPResponseException as e:
                 await self._reset_or_drop(client)
-                return _failure(e)
+                return _failure(e, self.settings.smtp_busy_pause_s)
             except (aiosmtplib.SMTPException, OSError) as e:
                 await _drop(client)
-                return _failure(e)
+                return _failure(e, self.settings.smtp_busy_pause_s)
             self._idle.put_nowait(client)
         if errors:  # a single recipient, so errors means it was refused
             code, message = next(iter(errors.values()))
-            return _coded(code, message, "SMTPRecipientRefused")
+            return _coded(code, message, "SMTPRecipientRefused", self.settings.smtp_busy_pause_s)
         return DeliveryResult.sent(
             response, f"<{intent.idempotency_key}@{self.settings.message_id_domain}>"
         )
@@ -287,8 +291,13 @@ async def _drop(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
-def _coded(code: int, message: str, error_class: str) -> DeliveryResult:
+def _coded(code: int, message: str, error_class: str, busy_pause_s: float) -> DeliveryResult:
     response = f"{code} {message}".strip()
+    if code == 421:
+        # RFC 5321 421: the server is closing the channel (overloaded, or limiting our
+        # rate). SMTP carries no retry-after: the sink pauses the channel for the setting's
+        # time instead of hammering it.
+        return DeliveryResult.retryable(error_class, response, retry_after=busy_pause_s)
     if 400 <= code < 500:
         return DeliveryResult.retryable(error_class, response)
     return DeliveryResult.rejected(error_class, response)
@@ -300,9 +309,9 @@ def _describe(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def _failure(e: BaseException) -> DeliveryResult:
+def _failure(e: BaseException, busy_pause_s: float) -> DeliveryResult:
     """RFC 5321: 4xx is a transient failure, 5xx a permanent one. No answer at all
     (connection refused, dropped, timed out) is transient."""
     if isinstance(e, aiosmtplib.SMTPResponseException):
-        return _coded(e.code, e.message, type(e).__name__)
+        return _coded(e.code, e.message, type(e).__name__, busy_pause_s)
     return DeliveryResult.retryable(type(e).__name__, str(e) or type(e).__name__)

@@ -51,6 +51,7 @@ class SmtpCatcher:
         self.messages: list[CaughtMessage] = []
         self.reject_recipients: set[str] = set()
         self.defer_recipients: set[str] = set()
+        self.busy_recipients: set[str] = set()  # 421: the server asks us to slow down
         self.defer_counts: dict[str, int] = {}
         self.fail_rate = 0.0
         self.drop_rate = 0.0
@@ -123,6 +124,8 @@ class _Handler:
             return "421 4.4.2 Connection dropped"
         if address in c.reject_recipients:
             return "550 5.1.1 Mailbox unavailable"
+        if address in c.busy_recipients:
+            return "421 4.7.0 Too many messages, slow down"
         if address in c.defer_recipients:
             return "451 4.3.0 Try again later"
         if c.defer_counts.get(address, 0) > 0:

@@ -69,6 +69,7 @@ def catcher(catcher_server: SmtpCatcher) -> SmtpCatcher:
     catcher_server.messages.clear()
     catcher_server.reject_recipients.clear()
     catcher_server.defer_recipients.clear()
+    catcher_server.busy_recipients.clear()
     return catcher_server
 
 
@@ -170,6 +171,8 @@ class Case:
     recipient: str = "ada@example.com"
     reject: bool = False
     defer: bool = False
+    busy: bool = False
+    retry_after: float | None = None
     closed_port: bool = False
     outcome: Outcome = Outcome.SENT
     response: str | None = None
@@ -193,6 +196,13 @@ CASES = [
         outcome=Outcome.RETRYABLE,
         response="451",
         error_class="SMTPRecipientRefused",
+    ),
+    Case(
+        "busy-421-pauses-the-channel",
+        busy=True,
+        outcome=Outcome.RETRYABLE,
+        response="421",
+        retry_after=12.5,
     ),
     Case("server-down", closed_port=True, outcome=Outcome.RETRYABLE),
     Case(
@@ -225,8 +235,10 @@ async def test_outcomes(catcher: SmtpCatcher, clients: list[aiosmtplib.SMTP], ca
         catcher.reject_recipients.add(case.recipient)
     if case.defer:
         catcher.defer_recipients.add(case.recipient)
+    if case.busy:
+        catcher.busy_recipients.add(case.recipient)
     port = free_port() if case.closed_port else catcher.port
-    connector = EmailConnector(settings(port))
+    connector = EmailConnector(settings(port, smtp_busy_pause_s=12.5))
     sent = intent(case.recipient)
     try:
         result = await connector.send(sent)
@@ -240,6 +252,7 @@ async def test_outcomes(catcher: SmtpCatcher, clients: list[aiosmtplib.SMTP], ca
         assert result.error_class == case.error_class
     if case.outcome is not Outcome.SENT:
         assert result.error_class and result.response
+    assert result.retry_after == case.retry_after
 
     if case.delivered:
         assert result.provider_message_id == f"<{sent.notification_id}@{DOMAIN}>"
