@@ -13,11 +13,16 @@ schema (Avro schema resolution), so code sees one shape however old the data is.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
+import random
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, TypeVar
 
 import fastavro
 from fastavro.validation import ValidationError as _FastavroValidationError
@@ -42,7 +47,11 @@ __all__ = [
     "UnknownFramingError",
     "UnknownSchemaError",
     "serde_from_settings",
+    "through_registry_outage",
 ]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -172,6 +181,12 @@ class AvroSerde:
         self._ids: dict[str, int] = {}  # full name -> registry id of our newest version
         self._by_id: dict[int, tuple[Schema, Any]] = {}  # registry id -> (reader, writer)
         self._marked: dict[bytes, Any] = {}  # fingerprint -> fastavro form with its marker
+
+    def prepare(self, full_name: str) -> None:
+        """Make sure ``full_name`` can be encoded without asking the registry later: registers
+        it now when there is a registry. Raises RegistryUnavailableError."""
+        if self.registry is not None:
+            self._registry_id(self.schemas.latest(full_name))
 
     def close(self) -> None:
         """Close the registry client's connections (if there is one)."""
@@ -389,6 +404,41 @@ def _type_name(schema: Any) -> str:
     if isinstance(schema, list):
         return " or ".join(_type_name(s) for s in schema)
     return str(schema)
+
+
+async def through_registry_outage(
+    call: Callable[[], T],
+    what: str,
+    backoff_s: float = 0.2,
+    max_backoff_s: float = 5.0,
+) -> T:
+    """``call()``, tried again while the schema registry cannot answer: the first try inline
+    (it answers from cache nearly always), the next ones in a thread (so a registry that
+    hangs until its timeout does not stall the event loop), with capped exponential backoff
+    and jitter, for as long as it takes. ``what`` names what is held, for the log."""
+    try:
+        return call()
+    except RegistryUnavailableError as e:
+        error = e
+    delay = backoff_s
+    started = time.monotonic()
+    while True:
+        log.warning(
+            "holding %s for %.1fs so far: %s; retrying in %.1fs",
+            what,
+            time.monotonic() - started,
+            error,
+            delay,
+        )
+        await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+        delay = min(delay * 2, max_backoff_s)
+        try:
+            result = await asyncio.to_thread(call)
+        except RegistryUnavailableError as e:
+            error = e
+            continue
+        log.warning("released %s after %.1fs", what, time.monotonic() - started)
+        return result
 
 
 def serde_from_settings(settings: HeraldSettings) -> AvroSerde:

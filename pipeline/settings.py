@@ -51,7 +51,9 @@ class HeraldSettings(BaseSettings):
     # While the schema registry cannot answer, the router holds the event and retries after
     # this long, doubling up to the maximum.
     router_retry_backoff_ms: int = 200
-    router_retry_backoff_max_ms: int = 30_000
+    # Low, so a held event goes on within seconds of the registry coming back (the sinks
+    # hold their records with the same settings).
+    router_retry_backoff_max_ms: int = 5_000
 
     # Sinks
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on

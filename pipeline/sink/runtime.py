@@ -51,12 +51,17 @@ from confluent_kafka import Message, Producer
 from connectors.base import Connector, DeliveryResult, Outcome
 from pipeline import headers as h
 from pipeline.deadletter import safe_header_text
-from pipeline.records import NOTIFICATION_INTENT, DeliveryState, NotificationIntent
+from pipeline.records import (
+    DELIVERY_STATUS,
+    NOTIFICATION_INTENT,
+    DeliveryState,
+    NotificationIntent,
+)
 from pipeline.serialization import (
     AvroSerde,
     Decoded,
-    RegistryUnavailableError,
     serde_from_settings,
+    through_registry_outage,
 )
 from pipeline.settings import HeraldSettings
 from pipeline.sink.breaker import BreakerState, CircuitBreaker
@@ -167,6 +172,14 @@ class SinkWorker:
 
     async def run(self) -> None:
         try:
+            # Status records are encoded after a send: make sure their schema is registered
+            # first, so a registry outage later cannot fail a record already sent.
+            await through_registry_outage(
+                functools.partial(self.serde.prepare, DELIVERY_STATUS),
+                f"the {self.channel} sink's start",
+                self.settings.router_retry_backoff_ms / 1000,
+                self.settings.router_retry_backoff_max_ms / 1000,
+            )
             await self.ledger.open(self.settings.ledger_url.get_secret_value())
             producer = self._producer or Producer(self.settings.producer_config())
             self.outputs = Outputs(
@@ -352,21 +365,12 @@ class SinkWorker:
             offset=offset,
             expect=NOTIFICATION_INTENT,
         )
-        try:
-            return decode()
-        except RegistryUnavailableError as e:
-            error: Exception = e
-        delay = 0.2
-        while True:
-            log.warning(
-                "holding %s[%d]@%d: %s; retrying in %.1fs", topic, partition, offset, error, delay
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            try:
-                return await asyncio.to_thread(decode)
-            except RegistryUnavailableError as e:
-                error = e
+        return await through_registry_outage(
+            decode,
+            f"{topic}[{partition}]@{offset}",
+            self.settings.router_retry_backoff_ms / 1000,
+            self.settings.router_retry_backoff_max_ms / 1000,
+        )
 
     async def _deliver(
         self,
