@@ -30,7 +30,13 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
     ("4 connectors", ("connectors",)),
     ("5 router and sink runtime", ("pipeline.router", "pipeline.sink")),
-    ("6 CLI, HTTP API, replay", ("pipeline.cli", "pipeline.api", "pipeline.replay")),
+    # The APIs' operations (validation, idempotency keys), transport-free, and the gRPC
+    # API's generated messages.
+    ("6 API service", ("pipeline.service", "pipeline.seed", "pipeline.proto")),
+    (
+        "7 CLI, HTTP and gRPC APIs, replay",
+        ("pipeline.cli", "pipeline.api", "pipeline.grpc_api", "pipeline.replay"),
+    ),
 ]
 
 # Connectors know intents and results: never Kafka, settings of the core, or the runtime.
