@@ -11,9 +11,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Dependencies first, in a layer of their own that is rebuilt only when pyproject.toml changes.
+# Dependencies first, in a layer of their own that is rebuilt only when pyproject.toml changes:
+# the core and the `grpc` extra (`herald run api` serves gRPC too).
 COPY pyproject.toml /tmp/herald/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['grpc']))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt

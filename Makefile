@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres chaos bench clean
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres proto chaos bench clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pipeline connectors devtools tests
 	$(BIN)/mypy
+
+# The gRPC API's Python code in pipeline/proto, from proto/ (committed; tests/unit/test_proto.py
+# fails when it is stale).
+proto: install
+	$(BIN)/python -m devtools.gen_proto
 
 # PostgreSQL server binaries for the ledger tests, which start a throwaway server of their own
 # (or use HERALD_TEST_POSTGRES_URL). Installs Debian's package when missing (as root).

@@ -5,6 +5,7 @@ herald kafka TOOL [ARGS...]                 Kafka's console tools from the same 
 herald topics ensure                        create Herald's topics
 herald publish EVENT_TYPE --data JSON       validate and publish one domain event
 herald run router | sink CHANNEL... | all   the pipeline's processes
+herald run api                              the HTTP API and the gRPC API
 herald tail TOPIC                           decoded records as JSON lines
 herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
 herald connectors list                      installed channels and their settings
@@ -136,7 +137,15 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
         from pipeline.api import create_api
 
-        web.run_app(create_api(settings), host=settings.api_host, port=settings.api_port)
+        grpc = settings.grpc_port != 0
+        if grpc:
+            try:
+                import pipeline.grpc_api  # noqa: F401 - fails early, with the fix, without grpcio
+            except ImportError as e:
+                print(f"herald run api: {e}", file=sys.stderr)
+                return 2
+        api = create_api(settings, grpc=grpc)
+        web.run_app(api, host=settings.api_host, port=settings.api_port)
         return 0
     if args.component == "sink":
         from pipeline.sink.service import run_sinks

@@ -90,6 +90,10 @@ class HeraldSettings(BaseSettings):
     # How long an Idempotency-Key is remembered (in the ledger's database): a retry within
     # it gets the first answer, a different request with the key is refused (422).
     api_idempotency_retention_s: int = 86_400
+    # The gRPC API, served by the same process (proto/herald/v1/notifications.proto, the
+    # `grpc` extra). Port 0 serves HTTP only.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
 
     # Each channel's settings belong to its connector (connectors/<channel>.py), e.g.
     # HERALD_SMTP_* to EmailSettings.

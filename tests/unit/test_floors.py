@@ -30,9 +30,19 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
     ("4 connectors", ("connectors",)),
     ("5 router and sink runtime", ("pipeline.router", "pipeline.sink")),
+    # The APIs' operations (validation, idempotency keys), transport-free, and the gRPC
+    # API's generated messages.
+    ("6 API service", ("pipeline.service", "pipeline.seed", "pipeline.proto")),
     (
-        "6 CLI, HTTP API, replay, trace, dlq",
-        ("pipeline.cli", "pipeline.api", "pipeline.replay", "pipeline.trace", "pipeline.dlq"),
+        "7 CLI, HTTP and gRPC APIs, replay, trace, dlq",
+        (
+            "pipeline.cli",
+            "pipeline.api",
+            "pipeline.grpc_api",
+            "pipeline.replay",
+            "pipeline.trace",
+            "pipeline.dlq",
+        ),
     ),
 ]
 
