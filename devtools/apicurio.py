@@ -4,7 +4,8 @@ provisions (``make registry-jars`` unpacks it to ``.herald/apicurio``).
 Herald speaks to it through its Confluent-compatible API, ``/apis/ccompat/v7``, which is
 the URL to give SCHEMA_REGISTRY_URL. It keeps its schemas in an in-memory H2 database (its
 default storage): a restart forgets them. Listens on loopback only; optionally with basic
-auth (users of its own, no identity server) and https::
+auth (users of its own), bearer tokens (JWTs signed by a given key) and https, none of which
+needs an identity server::
 
     registry = Apicurio(workdir, users={"herald": "s3cret"})
     registry.start()          # seconds it took; about 15 on two cores
@@ -109,8 +110,12 @@ class Apicurio:
     home: Path = field(default_factory=default_home)
     port: int = 0  # 0: a free port
     management_port: int = 0  # health and metrics, on a port of their own; 0: a free port
-    # Basic auth: user -> password, each with the admin role. Empty: no auth.
+    # Basic auth: user -> password, each with the admin role. Empty: no basic auth.
     users: Mapping[str, str] = field(default_factory=dict)
+    # Bearer tokens (JWT) signed by this key are accepted: a PEM public key. Apicurio checks
+    # them with Quarkus OIDC, which verifies locally with a configured key, so no identity
+    # server is needed. None: no bearer auth.
+    bearer_public_key: str | None = None
     # https with this PEM certificate chain and key; ``tls_ca`` (PEM) verifies it when
     # probing for readiness.
     tls_cert: Path | None = None
@@ -269,6 +274,20 @@ class Apicurio:
                     raise ValueError(f"the password of {user} starts or ends with a blank")
                 props[f"quarkus.security.users.embedded.users.{user}"] = password
                 props[f"quarkus.security.users.embedded.roles.{user}"] = ADMIN_ROLE
+        if self.bearer_public_key is not None:
+            # The key's base64 body, without the PEM armour and line breaks.
+            body = "".join(
+                line.strip()
+                for line in self.bearer_public_key.splitlines()
+                if line.strip() and not line.startswith("-----")
+            )
+            props["quarkus.oidc.tenant-enabled"] = "true"
+            props["quarkus.oidc.public-key"] = body
+        if self.users or self.bearer_public_key is not None:
+            # Which mechanisms Apicurio tries, in order; one left out of it locks its users out.
+            props["apicurio.authn.mechanism.priority"] = ",".join(
+                ["basic"] * bool(self.users) + ["oidc"] * (self.bearer_public_key is not None)
+            )
         if self.tls_cert is not None:
             if self.tls_key is None:
                 raise ValueError("tls_cert needs tls_key")

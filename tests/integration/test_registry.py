@@ -1,6 +1,6 @@
 """Herald against real schema registries: Apicurio Registry (its Confluent-compatible API,
-over https with basic auth) on the session broker, and devtools.registry for the
-credential and TLS settings, bearer tokens included.
+over https, with basic auth and bearer tokens) on the session broker, and devtools.registry
+for the same credential and TLS settings.
 
 An event written by a plain confluent-kafka producer with its own AvroSerializer is read by
 Herald exactly like one Herald published, and the pipeline delivers it. A refused credential
@@ -9,6 +9,7 @@ and no secret appears in an error message or a log."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import subprocess
@@ -28,6 +29,8 @@ from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient, record_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from devtools.apicurio import Apicurio
 from devtools.smtp_catcher import SmtpCatcher
@@ -68,11 +71,38 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
 
 
 @pytest.fixture(scope="module")
-def apicurio(tmp_path_factory: pytest.TempPathFactory, tls: Tls) -> Iterator[Apicurio]:
-    """Apicurio Registry over https, one user (herald) with basic auth."""
+def signing_key() -> rsa.RSAPrivateKey:
+    """The key of the identity provider Apicurio trusts for bearer tokens."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _jwt(key: rsa.RSAPrivateKey, expires_in: int = 600) -> str:
+    """An RS256 JSON Web Token for the user herald, as an identity provider issues them."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"iss": "herald-tests", "sub": "herald", "preferred_username": "herald"}
+    header = b64(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({**claims, "iat": now, "exp": now + expires_in}).encode())
+    signature = key.sign(f"{header}.{body}".encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{header}.{body}.{b64(signature)}"
+
+
+@pytest.fixture(scope="module")
+def apicurio(
+    tmp_path_factory: pytest.TempPathFactory, tls: Tls, signing_key: rsa.RSAPrivateKey
+) -> Iterator[Apicurio]:
+    """Apicurio Registry over https: basic auth for the user herald, or a bearer token
+    signed by ``signing_key``."""
+    public_key = signing_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     registry = Apicurio(
         tmp_path_factory.mktemp("apicurio"),
         users={"herald": PASSWORD},
+        bearer_public_key=public_key.decode(),
         tls_cert=tls.cert,
         tls_key=tls.key,
         tls_ca=tls.ca,
@@ -237,17 +267,46 @@ def test_the_pipeline_routes_a_plain_producers_event_through_apicurio(
         assert PASSWORD not in proc.log.read_text(errors="replace")
 
 
-def test_a_wrong_password_or_an_unknown_ca_is_a_registry_outage_and_never_shows_the_secret(
-    settings: HeraldSettings, apicurio: Apicurio, tls: Tls, caplog: pytest.LogCaptureFixture
+def test_a_bearer_token_signed_by_the_registrys_key_is_accepted(
+    settings: HeraldSettings, apicurio: Apicurio, tls: Tls, signing_key: rsa.RSAPrivateKey
+) -> None:
+    s = HeraldSettings.model_validate(
+        {
+            **_apicurio_settings(settings, apicurio, tls).model_dump(),
+            "schema_registry_basic_auth_user_info": None,
+            "schema_registry_bearer_token": _jwt(signing_key),
+        }
+    )
+    writer, reader = serde_from_settings(s), serde_from_settings(s)
+    try:
+        data, ref = writer.encode(USER_REGISTERED, _event("bearer"))
+        assert "@registry:" in ref
+        assert reader.decode(data, expect=USER_REGISTERED).record["display_name"] == "Bearer"
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_refused_credentials_or_an_unknown_ca_are_a_registry_outage_and_never_show_the_secret(
+    settings: HeraldSettings,
+    apicurio: Apicurio,
+    tls: Tls,
+    signing_key: rsa.RSAPrivateKey,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     good = _apicurio_settings(settings, apicurio, tls)
     with Publisher(good, producer_name="tests") as publisher:
         record = publisher.prepare("user-registered", _event("held"))[1].value
     wrong = f"wrong-{PASSWORD}"
-    cases = {
+    forged = _jwt(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    expired = _jwt(signing_key, expires_in=-600)
+    no_basic: dict[str, Any] = {"schema_registry_basic_auth_user_info": None}
+    cases: dict[str, tuple[dict[str, Any], str]] = {
         "wrong password": ({"schema_registry_basic_auth_user_info": f"herald:{wrong}"}, "401"),
-        "no password": ({"schema_registry_basic_auth_user_info": None}, "401"),
+        "no credentials": (no_basic, "401"),
+        "token from another key": ({**no_basic, "schema_registry_bearer_token": forged}, "401"),
+        "expired token": ({**no_basic, "schema_registry_bearer_token": expired}, "401"),
         "system CAs only": ({"schema_registry_ca_file": None}, "CERTIFICATE_VERIFY_FAILED"),
     }
     for case, (override, expected) in cases.items():
@@ -260,8 +319,10 @@ def test_a_wrong_password_or_an_unknown_ca_is_a_registry_outage_and_never_shows_
             reader.close()
         message = f"{caught.value!s} {caught.value!r}"
         assert expected in message, (case, message)
-        assert PASSWORD not in message and wrong not in message, case
-    assert PASSWORD not in caplog.text
+        for secret in (PASSWORD, forged, expired):
+            assert secret not in message, case
+    for secret in (PASSWORD, forged, expired):
+        assert secret not in caplog.text
 
 
 # -- devtools.registry: basic auth, bearer token, TLS -------------------------------------------
