@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
+APICURIO := .herald/apicurio
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres proto chaos bench clean
+.PHONY: demo test lint install kafka-jars registry-jars kafka-up kafka-down postgres proto chaos bench clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,16 @@ $(KAFKA_LIB)/.stamp: kafka/pom.xml
 	touch $@
 
 kafka-jars: $(KAFKA_LIB)/.stamp
+
+# Apicurio Registry (a real schema registry; its Quarkus distribution, ~160 MB) from Maven
+# Central. Runs with Java 21+: devtools/apicurio.py finds one (or HERALD_APICURIO_JAVA).
+$(APICURIO)/.stamp: registry/pom.xml
+	rm -rf $(APICURIO) && mkdir -p $(APICURIO)
+	mvn --batch-mode --quiet -f registry/pom.xml dependency:unpack \
+	    -Dapicurio.home=$(abspath $(APICURIO))
+	touch $@
+
+registry-jars: $(APICURIO)/.stamp
 
 kafka-up: install kafka-jars
 	$(BIN)/herald kafka up
@@ -48,8 +59,9 @@ proto: install
 postgres:
 	bash scripts/ensure-postgres.sh
 
-# The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
-test: install kafka-jars postgres lint
+# The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS), SMTP servers and
+# an Apicurio Registry.
+test: install kafka-jars registry-jars postgres lint
 	$(BIN)/pytest
 
 # Fault injection (not part of `make test`; a short version of it is):

@@ -18,6 +18,9 @@ keeps them in its ``_schemas`` topic. It does not check compatibility. Run it as
 
     python -m devtools.registry --port 8081 --data /tmp/registry.json
 
+With ``--basic-auth USER:PASSWORD`` or ``--bearer-token TOKEN`` every request must carry
+those credentials (401 otherwise); with ``--tls-cert``/``--tls-key`` (PEM) it serves https.
+
 It is not a production registry; point Herald at Confluent Schema Registry, Karapace,
 Redpanda or Apicurio (ccompat API) there.
 """
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hmac
 import json
 import os
 import signal
+import ssl
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -94,17 +100,24 @@ def _error(status: int, code: int, message: str) -> web.Response:
     return _json({"error_code": code, "message": message}, status)
 
 
-def create_app(store: Store, basic_auth: tuple[str, str] | None = None) -> web.Application:
+def create_app(
+    store: Store,
+    basic_auth: tuple[str, str] | None = None,
+    bearer_token: str | None = None,
+) -> web.Application:
     routes = web.RouteTableDef()
+    expected: str | None = None
+    if basic_auth is not None:
+        expected = "Basic " + base64.b64encode(":".join(basic_auth).encode()).decode()
+    elif bearer_token is not None:
+        expected = f"Bearer {bearer_token}"
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
-        if basic_auth is not None:
-            import base64
-
-            expected = "Basic " + base64.b64encode(":".join(basic_auth).encode()).decode()
-            if request.headers.get("Authorization") != expected:
-                return _error(401, 40101, "Unauthorized")
+        if expected is not None and not hmac.compare_digest(
+            request.headers.get("Authorization", "").encode(), expected.encode()
+        ):
+            return _error(401, 40101, "Unauthorized")
         result: web.StreamResponse = await handler(request)
         return result
 
@@ -191,11 +204,19 @@ def create_app(store: Store, basic_auth: tuple[str, str] | None = None) -> web.A
     return app
 
 
-async def serve(host: str, port: int, store: Store, basic_auth: tuple[str, str] | None) -> None:
-    runner = web.AppRunner(create_app(store, basic_auth), access_log=None)
+async def serve(
+    host: str,
+    port: int,
+    store: Store,
+    basic_auth: tuple[str, str] | None = None,
+    bearer_token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    runner = web.AppRunner(create_app(store, basic_auth, bearer_token), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    print(f"schema registry listening on http://{host}:{port}", flush=True)
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
+    scheme = "https" if tls is not None else "http"
+    print(f"schema registry listening on {scheme}://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,13 +230,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--data", type=Path, help="JSON file the schemas persist in")
-    parser.add_argument("--basic-auth", help="USER:PASSWORD required on every request")
+    creds = parser.add_mutually_exclusive_group()
+    creds.add_argument("--basic-auth", help="USER:PASSWORD required on every request")
+    creds.add_argument("--bearer-token", help="TOKEN required on every request (Bearer)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve https")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     auth: tuple[str, str] | None = None
     if args.basic_auth:
         user, _, password = args.basic_auth.partition(":")
         auth = (user, password)
-    asyncio.run(serve(args.host, args.port, Store(args.data), auth))
+    tls: ssl.SSLContext | None = None
+    if args.tls_cert is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    elif args.tls_key is not None:
+        parser.error("--tls-key needs --tls-cert")
+    asyncio.run(serve(args.host, args.port, Store(args.data), auth, args.bearer_token, tls))
 
 
 if __name__ == "__main__":

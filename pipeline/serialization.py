@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import random
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -126,11 +127,35 @@ class RegistryUnavailableError(Exception):
 
 def _describe_failure(e: BaseException) -> str:
     # The registry client's errors may quote the URL, which can carry credentials
-    # (https://user:secret@host): name the error class and status only.
+    # (https://user:secret@host): name the error class, the HTTP status and the registry's
+    # own message, or the TLS failure's reason, never the exception's text.
     status = getattr(e, "http_status_code", None)
     if status is not None:
-        return f"{type(e).__name__} (HTTP {status}, {getattr(e, 'error_message', '')})"
+        hint = (
+            "; check HERALD_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO or _BEARER_TOKEN"
+            if status in (401, 403)
+            else ""
+        )
+        return f"{type(e).__name__} (HTTP {status}, {getattr(e, 'error_message', '')}{hint})"
+    tls = _tls_error(e)
+    if tls is not None:
+        return (
+            f"{type(e).__name__} (TLS: {tls.reason or type(tls).__name__}; is "
+            "HERALD_SCHEMA_REGISTRY_CA_FILE the CA that signed the registry's certificate?)"
+        )
     return type(e).__name__
+
+
+def _tls_error(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a connection failure (httpx wraps it twice), if any."""
+    seen: set[int] = set()
+    cause: BaseException | None = e
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _registry_not_found(e: BaseException) -> bool:
@@ -450,11 +475,7 @@ def serde_from_settings(settings: HeraldSettings) -> AvroSerde:
     if settings.schema_registry_url:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        # A short timeout and no retries of its own: the caller (router, sink) holds the
-        # record and retries with backoff, without blocking its event loop for long.
-        registry = SchemaRegistryClient(
-            {"url": settings.schema_registry_url, "timeout": 5, "max.retries": 0}
-        )
+        registry = SchemaRegistryClient(settings.schema_registry_config())
     return AvroSerde(
         load_schemas(settings.schemas_dir.resolve()),
         registry=registry,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -38,6 +39,16 @@ class HeraldSettings(BaseSettings):
     schema_registry_url: str | None = Field(
         None, validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "HERALD_SCHEMA_REGISTRY_URL")
     )
+    # How Herald authenticates to the registry and checks its certificate. The user info
+    # ("user:password") and the token are secrets: never logged, never in error messages.
+    # A bearer token also needs the logical cluster (Confluent Cloud's lsrc-..., sent as
+    # target-sr-cluster; any other registry ignores it) and optionally an identity pool.
+    schema_registry_basic_auth_user_info: SecretStr | None = None
+    schema_registry_bearer_token: SecretStr | None = None
+    schema_registry_bearer_logical_cluster: str = ""
+    schema_registry_bearer_identity_pool: str | None = None
+    # A PEM file of the CAs that sign an https registry's certificate; unset = the system's.
+    schema_registry_ca_file: Path | None = None
     schemas_dir: Path = project_root() / "schemas"
     max_record_bytes: int = 1_000_000
 
@@ -135,5 +146,61 @@ class HeraldSettings(BaseSettings):
         conf.update(extra)
         return conf
 
+    def schema_registry_config(self) -> dict[str, Any]:
+        """SchemaRegistryClient settings for SCHEMA_REGISTRY_URL, with the secrets in clear:
+        for the client only, never to be logged. A short timeout and no retries of the
+        client's own: the caller (router, sink) holds the record and retries with backoff,
+        without blocking its event loop for long."""
+        if not self.schema_registry_url:
+            raise ValueError("SCHEMA_REGISTRY_URL is not set")
+        basic, token = self.schema_registry_basic_auth_user_info, self.schema_registry_bearer_token
+        if basic is not None and token is not None:
+            raise ValueError(
+                "set HERALD_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO or "
+                "HERALD_SCHEMA_REGISTRY_BEARER_TOKEN, not both"
+            )
+        # Credentials in the URL (https://user:password@host) become basic auth: the HTTP
+        # client logs every request's URL, which must not carry them.
+        url, url_user_info = _without_user_info(self.schema_registry_url)
+        conf: dict[str, Any] = {"url": url, "timeout": 5, "max.retries": 0}
+        if url_user_info is not None:
+            if basic is not None or token is not None:
+                raise ValueError(
+                    "SCHEMA_REGISTRY_URL holds credentials and so does "
+                    "HERALD_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO or _BEARER_TOKEN: keep one"
+                )
+            conf["basic.auth.user.info"] = url_user_info
+        if basic is not None:
+            user_info = basic.get_secret_value()
+            if ":" not in user_info:
+                raise ValueError("HERALD_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO is USER:PASSWORD")
+            conf["basic.auth.user.info"] = user_info
+        if token is not None:
+            conf["bearer.auth.credentials.source"] = "STATIC_TOKEN"
+            conf["bearer.auth.token"] = token.get_secret_value()
+            conf["bearer.auth.logical.cluster"] = self.schema_registry_bearer_logical_cluster
+            if self.schema_registry_bearer_identity_pool:
+                conf["bearer.auth.identity.pool.id"] = self.schema_registry_bearer_identity_pool
+        if self.schema_registry_ca_file is not None:
+            conf["ssl.ca.location"] = str(self.schema_registry_ca_file)
+        return conf
+
     def admin_config(self) -> dict[str, Any]:
         return {"bootstrap.servers": self.kafka_bootstrap_servers, "client.id": self.client_id}
+
+
+def _without_user_info(urls: str) -> tuple[str, str | None]:
+    """``urls`` (comma-separated, as the registry client takes them) without user info, and
+    the user info ("user:password", percent-decoded) they held, if any."""
+    found: set[str] = set()
+    out = []
+    for url in urls.split(","):
+        parts = urlsplit(url.strip())
+        if parts.username is not None or parts.password is not None:
+            found.add(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}")
+            netloc = parts.netloc.rpartition("@")[2]
+            url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        out.append(url.strip())
+    if len(found) > 1:
+        raise ValueError("SCHEMA_REGISTRY_URL holds different credentials for its URLs")
+    return ",".join(out), next(iter(found), None)
