@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from pipeline import headers as h
+from pipeline import metrics, tracing
 from pipeline.publisher import (
     OutgoingRecord,
     OversizedRecordError,
@@ -290,7 +291,9 @@ class NotificationService:
             seed = f"event:{event_type}:{idem.ids_seed()}"
             envelope.setdefault("event_id", str(uuid.uuid5(_API_NS, seed)))
         envelope.setdefault("producer", producer)
-        envelope.setdefault("traceparent", h.valid_traceparent(traceparent) or new_traceparent())
+        caller = h.valid_traceparent(traceparent)
+        if caller or not tracing.enabled():  # else the publisher's span starts the trace
+            envelope.setdefault("traceparent", caller or new_traceparent())
         try:
             event, record = self.publisher.prepare(event_type, {**body, "envelope": envelope})
         except SchemaError as e:
@@ -337,6 +340,34 @@ class NotificationService:
         else:
             event_id = str(uuid.uuid4())
         recipient = str(body["recipient"])
+        with tracing.span(
+            "herald.publish direct",
+            parent=h.valid_traceparent(traceparent),
+            kind="producer",
+            attributes={"herald.event_id": event_id, "herald.channel": channel},
+        ) as span:
+            return await self._send_direct(
+                body,
+                idem,
+                span.traceparent if span else h.valid_traceparent(traceparent) or new_traceparent(),
+                channel,
+                event_id,
+                recipient,
+                data,
+                answer_extra,
+            )
+
+    async def _send_direct(
+        self,
+        body: Mapping[str, Any],
+        idem: Idempotency | None,
+        traceparent: str,
+        channel: str,
+        event_id: str,
+        recipient: str,
+        data: dict[str, Any],
+        answer_extra: Mapping[str, Any] | None,
+    ) -> Accepted:
         intent = NotificationIntent(
             notification_id=notification_id(event_id, "direct", channel, recipient),
             event_id=event_id,
@@ -351,7 +382,7 @@ class NotificationService:
             data={str(k): str(v) for k, v in data.items()},
             created_at=datetime.now(UTC),
             # The caller's trace continues through the notification (W3C Trace Context).
-            traceparent=h.valid_traceparent(traceparent) or new_traceparent(),
+            traceparent=traceparent,
         )
         try:
             value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
@@ -363,6 +394,7 @@ class NotificationService:
             event_id=event_id,
             notification_id=intent.notification_id,
             traceparent=intent.traceparent,
+            event_time_ms=int(intent.created_at.timestamp() * 1000),
         )
         record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
         try:
@@ -442,6 +474,12 @@ class NotificationService:
         except PublishError as e:
             log.warning("publish failed: %s", e)
             raise Unavailable("Kafka did not accept the record; retry") from e
+        metrics.PUBLISHED.labels(record.topic).inc()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether Kafka answers (the API's readiness): a metadata request, 2 s at most."""
+        reachable = await asyncio.to_thread(self.publisher.reachable, 2.0)
+        return (True, "Kafka answers") if reachable else (False, "no Kafka broker answers")
 
     def purge_expired_keys(self) -> int:
         """Delete expired idempotency keys; returns how many. Claims do not depend on it (a
