@@ -340,73 +340,52 @@ class NotificationService:
         else:
             event_id = str(uuid.uuid4())
         recipient = str(body["recipient"])
+        caller = h.valid_traceparent(traceparent)
         with tracing.span(
             "herald.publish direct",
-            parent=h.valid_traceparent(traceparent),
+            parent=caller,
             kind="producer",
             attributes={"herald.event_id": event_id, "herald.channel": channel},
         ) as span:
-            return await self._send_direct(
-                body,
-                idem,
-                span.traceparent if span else h.valid_traceparent(traceparent) or new_traceparent(),
-                channel,
-                event_id,
-                recipient,
-                data,
-                answer_extra,
+            intent = NotificationIntent(
+                notification_id=notification_id(event_id, "direct", channel, recipient),
+                event_id=event_id,
+                event_type="direct",
+                rule="direct",
+                channel=channel,
+                recipient=recipient,
+                subject=body.get("subject"),
+                body_text=str(body["body_text"]),
+                body_html=body.get("body_html"),
+                user_id=body.get("user_id"),
+                data={str(k): str(v) for k, v in data.items()},
+                created_at=datetime.now(UTC),
+                # The caller's trace continues through the notification (W3C Trace Context),
+                # through the publish span when tracing is on.
+                traceparent=span.traceparent if span else caller or new_traceparent(),
             )
-
-    async def _send_direct(
-        self,
-        body: Mapping[str, Any],
-        idem: Idempotency | None,
-        traceparent: str,
-        channel: str,
-        event_id: str,
-        recipient: str,
-        data: dict[str, Any],
-        answer_extra: Mapping[str, Any] | None,
-    ) -> Accepted:
-        intent = NotificationIntent(
-            notification_id=notification_id(event_id, "direct", channel, recipient),
-            event_id=event_id,
-            event_type="direct",
-            rule="direct",
-            channel=channel,
-            recipient=recipient,
-            subject=body.get("subject"),
-            body_text=str(body["body_text"]),
-            body_html=body.get("body_html"),
-            user_id=body.get("user_id"),
-            data={str(k): str(v) for k, v in data.items()},
-            created_at=datetime.now(UTC),
-            # The caller's trace continues through the notification (W3C Trace Context).
-            traceparent=traceparent,
-        )
-        try:
-            value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
-        except RecordValidationError as e:
-            raise InvalidRequest("Invalid Notification", str(e), e.fields) from e
-        hdrs = h.for_record(
-            schema_ref=ref,
-            event_type="direct",
-            event_id=event_id,
-            notification_id=intent.notification_id,
-            traceparent=intent.traceparent,
-            event_time_ms=int(intent.created_at.timestamp() * 1000),
-        )
-        record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
-        try:
-            self.publisher.check_size(record)
-        except OversizedRecordError as e:
-            raise RecordTooLarge(e) from e
-        answer = {
-            "notification_id": intent.notification_id,
-            "status": "accepted",
-            **(answer_extra or {}),
-        }
-        return await self._write(record, answer, idem)
+            try:
+                value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
+            except RecordValidationError as e:
+                raise InvalidRequest("Invalid Notification", str(e), e.fields) from e
+            hdrs = h.for_record(
+                schema_ref=ref,
+                event_type="direct",
+                event_id=event_id,
+                notification_id=intent.notification_id,
+                traceparent=intent.traceparent,
+            )
+            record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
+            try:
+                self.publisher.check_size(record)
+            except OversizedRecordError as e:
+                raise RecordTooLarge(e) from e
+            answer = {
+                "notification_id": intent.notification_id,
+                "status": "accepted",
+                **(answer_extra or {}),
+            }
+            return await self._write(record, answer, idem)
 
     async def deliveries(self, nid: str) -> list[LedgerEntry]:
         """What the ledger has for notification ``nid``, by generation. NotFound while it has
