@@ -12,9 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies first, in a layer of their own that is rebuilt only when pyproject.toml changes:
-# the core and the `grpc` extra (`herald run api` serves gRPC too).
+# the core, the `grpc` extra (`herald run api` serves gRPC too) and the `otel` extra (spans
+# when OTEL_EXPORTER_OTLP_ENDPOINT is set).
 COPY pyproject.toml /tmp/herald/
-RUN python -c "import tomllib; p = tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['grpc']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']; o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + o['grpc'] + o['otel']))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
@@ -42,6 +43,10 @@ RUN groupadd --system --gid 10001 herald \
  && mkdir -p /app/.herald/router \
  && chown -R herald:herald /app/.herald
 USER 10001:10001
+
+# /metrics, /healthz and /readyz of `herald run router|sink|all` (HERALD_OBSERVE_PORT; set
+# HERALD_OBSERVE_HOST=0.0.0.0 to reach them from outside the container).
+EXPOSE 9464
 
 ENTRYPOINT ["herald"]
 CMD ["--help"]

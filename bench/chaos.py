@@ -551,12 +551,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-HELD = re.compile(r"holding (\S+\[\d+\]@\d+)")
+# A record held (router or sink), or a sink's start held until it can register the status
+# schema: either way the process had to ask the registry and waited instead of moving on.
+HELD = re.compile(r"holding (\S+\[\d+\]@\d+|the \S+ sink's start)")
 
 
 def held_records(log: Path, since: int = 0) -> set[str]:
-    """Coordinates of the records a router or sink logged as held for the schema registry
-    (in ``log`` from byte ``since``)."""
+    """What a router or sink logged as held for the schema registry (in ``log`` from byte
+    ``since``): records by their coordinates, and a sink's start."""
     if not log.exists():
         return set()
     with open(log, "rb") as f:
@@ -586,7 +588,7 @@ class Outage:
         return elapsed >= self.length and (not waiting or elapsed >= OUTAGE_MAX_S)
 
     def describe(self, now: float) -> str:
-        held = ", ".join(f"{name} held {n} records" for name, n in self.held.items())
+        held = ", ".join(f"{name} held {n} records or starts" for name, n in self.held.items())
         return f"down {now - self.began:.1f}s (planned {self.length:.1f}s); meanwhile {held}"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -11,7 +12,19 @@ from pydantic_settings import BaseSettings
 
 from pipeline.records import NotificationIntent
 
-__all__ = ["Connector", "DeliveryResult", "Outcome"]
+__all__ = ["TRACEPARENT", "Connector", "DeliveryResult", "Outcome", "trace_headers"]
+
+#: The W3C traceparent of the send in progress, set by the sink runtime around each
+#: ``Connector.send`` (the span of that provider call when tracing is on, else the intent's
+#: own). A connector puts it on its provider request where the protocol has a place for it:
+#: the HTTP connectors send it as the ``traceparent`` header (connectors/http.py).
+TRACEPARENT: ContextVar[str | None] = ContextVar("herald_traceparent", default=None)
+
+
+def trace_headers() -> dict[str, str]:
+    """``{"traceparent": ...}`` for the send in progress, or nothing."""
+    value = TRACEPARENT.get()
+    return {"traceparent": value} if value else {}
 
 
 class Outcome(StrEnum):

@@ -15,7 +15,9 @@ the running loop:
   expand past the read limit);
 - at most ``max_connections`` requests are in flight; the others wait their turn in the
   client, before their deadline starts, so a deep queue of sends does not time out while
-  it waits (and aiohttp's pool never has a queue to scan).
+  it waits (and aiohttp's pool never has a queue to scan);
+- every request carries the W3C ``traceparent`` of the sink's send in progress
+  (``connectors.base.TRACEPARENT``), so a provider that traces continues Herald's trace.
 
 :meth:`HttpClient.request` returns an :class:`Answer` once a status line arrived, or the
 :class:`DeliveryResult` of a request that got none. Failures are named as Herald's results
@@ -42,7 +44,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from connectors.base import DeliveryResult
+from connectors.base import DeliveryResult, trace_headers
 from connectors.ssrf import AddressGuard, ForbiddenAddressError, GuardedResolver, literal_middleware
 
 __all__ = ["Answer", "HttpClient", "error_class", "parse_retry_after"]
@@ -209,6 +211,9 @@ class HttpClient:
         REJECTED "InvalidRecipient" for a URL aiohttp cannot send to, RETRYABLE for timeouts
         and network failures (the server may or may not have it)."""
         url = URL(url) if isinstance(url, str) else url
+        trace = trace_headers()  # the sink's send in progress continues on the provider
+        if trace:
+            headers = {**trace, **(headers or {})}
         async with self._slots:
             return await self._request(method, url, body, headers, max_answer_bytes)
 

@@ -5,7 +5,9 @@ called in the request path, so a slow provider never slows a caller.
     POST /v1/notifications           a direct notification                        -> 202
     GET  /v1/notifications/{id}      its delivery state, from the sinks' ledger    -> 200 / 404
     POST /api/notification           the seed service's request (pipeline/seed.py) -> 202
-    GET  /healthz
+    GET  /healthz                    alive                                         -> 200
+    GET  /readyz                     Kafka answers                                 -> 200 / 503
+    GET  /metrics                    Prometheus metrics (requests by route and status, ...)
 
 The operations, their validation and the Idempotency-Key store are pipeline/service.py's,
 shared with the gRPC API (pipeline/grpc_api.py, served alongside when ``grpc=True``); this
@@ -32,12 +34,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
+from pipeline import metrics, observe
 from pipeline.publisher import Publisher
 from pipeline.router.templates import Templates
 from pipeline.seed import to_direct
@@ -68,7 +72,9 @@ __all__ = ["IDEMPOTENCY_KEY_REUSED", "create_api", "request_fingerprint"]
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 600.0  # expired idempotency keys are deleted this often
-PROTECTED = ("/v1/", "/api/")  # the paths HERALD_API_TOKEN guards (/healthz is open)
+PROTECTED = ("/v1/", "/api/")  # the paths HERALD_API_TOKEN guards (probes are open)
+# Methods counted by name; any other is "other" (a client chooses the method: unbounded).
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -118,6 +124,28 @@ class NotificationApi:
         self.templates = templates
 
     # -- middlewares -------------------------------------------------------------------------
+
+    @web.middleware
+    async def measure(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Requests by method, route pattern (never the path: it may hold ids) and status,
+        their duration and how many are in flight."""
+        started = time.perf_counter()
+        metrics.API_IN_FLIGHT.inc()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            metrics.API_IN_FLIGHT.dec()
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            method = request.method if request.method in _METHODS else "other"
+            metrics.API_REQUESTS.labels(method, route, str(status)).inc()
+            metrics.API_REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
 
     @web.middleware
     async def problems(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -237,9 +265,6 @@ class NotificationApi:
             }
         )
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
     async def purge_expired_keys(self) -> None:
         """Delete expired idempotency keys now and every PURGE_INTERVAL_S."""
         while True:
@@ -273,13 +298,15 @@ def create_api(
     service = NotificationService(settings, Publisher(settings, producer_name="http-api"), ledger)
     api = NotificationApi(service, Templates(settings.templates_dir))
     app = web.Application(
-        middlewares=[api.problems, api.auth], client_max_size=service.request_limit
+        middlewares=[api.measure, api.problems, api.auth], client_max_size=service.request_limit
     )
     app.router.add_post("/v1/events/{event_type}", api.post_event)
     app.router.add_post("/v1/notifications", api.post_notification)
     app.router.add_get("/v1/notifications/{notification_id}", api.get_notification)
     app.router.add_post("/api/notification", api.post_seed_notification)
-    app.router.add_get("/healthz", api.healthz)
+    readiness = observe.Readiness()
+    readiness.register("api", service.ready)
+    observe.add_routes(app, readiness)  # /metrics, /healthz, /readyz
 
     async def purge(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(api.purge_expired_keys())

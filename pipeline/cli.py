@@ -4,7 +4,8 @@ herald kafka up | down | status             the local broker (Maven-provisioned 
 herald kafka TOOL [ARGS...]                 Kafka's console tools from the same classpath
 herald topics ensure                        create Herald's topics
 herald publish EVENT_TYPE --data JSON       validate and publish one domain event
-herald run router | sink CHANNEL... | all   the pipeline's processes
+herald run router | sink CHANNEL... | all   the pipeline's processes (with /metrics, /healthz,
+                                            /readyz on HERALD_OBSERVE_PORT)
 herald run api                              the HTTP API and the gRPC API
 herald tail TOPIC                           decoded records as JSON lines
 herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
@@ -154,16 +155,50 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
         return 0
     import faust
 
+    from pipeline import observe
     from pipeline.router.app import create_app
 
     app = create_app(settings)
-    services = []
+    observe.register_readiness("router", _faust_router_ready(app))
+    services: list[Any] = [_observe_service(settings)]
     if args.component == "all":
         from pipeline.sink.service import SinkService
 
         services.append(SinkService(settings, args.channels or ["email"]))
     worker = faust.Worker(app, *services, loglevel=args.log_level.lower(), override_logging=False)
     worker.execute_from_commandline()  # exits the process when the worker stops
+
+
+def _faust_router_ready(app: Any) -> Any:
+    """The Faust router's readiness: the group assigned it partitions of the event topics."""
+
+    def ready() -> tuple[bool, str]:
+        actives = app.assignor.assigned_actives()
+        if not actives:
+            return False, "waiting for the group's assignment"
+        return True, f"{len(actives)} partition(s) assigned"
+
+    return ready
+
+
+def _observe_service(settings: HeraldSettings) -> Any:
+    """/metrics, /healthz and /readyz as a service of the Faust worker (one for the whole
+    process: router and sinks)."""
+    import mode
+
+    from pipeline import observe
+
+    class ObserveService(mode.Service):
+        server: observe.ObserveServer | None = None
+
+        async def on_start(self) -> None:
+            self.server = await observe.serve(settings.observe_host, settings.observe_port)
+
+        async def on_stop(self) -> None:
+            if self.server is not None:
+                await self.server.close()
+
+    return ObserveService()
 
 
 def cmd_tail(args: argparse.Namespace, settings: HeraldSettings) -> int:
@@ -537,13 +572,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pipeline import logs, tracing
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        logs.configure(args.log_level, os.environ.get("HERALD_LOG_FORMAT"))
+    except ValueError as e:
+        print(f"herald: {e}", file=sys.stderr)
+        return 2
     settings = HeraldSettings()
+    if args.command in ("run", "publish") and tracing.wanted(settings.otel_enabled):
+        name = f"herald-{args.component}" if args.command == "run" else "herald-publish"
+        try:
+            tracing.configure(name)
+        except ImportError as e:
+            print(f"herald: {e} (or unset HERALD_OTEL_ENABLED)", file=sys.stderr)
+            return 2
     return int(args.func(args, settings))
 
 

@@ -25,10 +25,12 @@ what an HTTP problem document would carry besides (``herald-problem-type``,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-from typing import Any, Never
+from collections.abc import Awaitable, Callable
+from typing import Any, Never, TypeVar
 
 try:
     import grpc
@@ -40,6 +42,7 @@ except ImportError as e:
         "(or set HERALD_GRPC_PORT=0 to serve HTTP only)"
     ) from e
 
+from pipeline import metrics
 from pipeline.proto.herald.v1 import notifications_pb2 as pb
 from pipeline.proto.herald.v1 import notifications_pb2_grpc as pb_grpc
 from pipeline.records import DeliveryState
@@ -105,6 +108,31 @@ async def _refuse(context: Context, e: ServiceError) -> Never:
         text = ",".join(value) if isinstance(value, list) else str(value)
         trailing.append((f"herald-{name.replace('_', '-')}", text))
     await context.abort(code, details, trailing_metadata=tuple(trailing))
+
+
+R = TypeVar("R")
+Rpc = Callable[[Any, Any, Context], Awaitable[R]]
+
+
+def _measured(rpc: Rpc[R]) -> Rpc[R]:
+    """Count the call in herald_grpc_requests{method, status}."""
+
+    @functools.wraps(rpc)
+    async def measured(self: Any, request: Any, context: Context) -> R:
+        status = "UNKNOWN"
+        try:
+            response = await rpc(self, request, context)
+            status = "OK"
+            return response
+        except BaseException:
+            code = context.code()  # set by abort()
+            if isinstance(code, grpc.StatusCode):
+                status = code.name
+            raise
+        finally:
+            metrics.GRPC_REQUESTS.labels(rpc.__name__, status).inc()
+
+    return measured
 
 
 def _integral(value: Any) -> Any:
@@ -191,6 +219,7 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             return None
         return Idempotency.of(parse_idempotency_key(raw), "gRPC", f"/{SERVICE}/{rpc}", request)
 
+    @_measured
     async def PublishEvent(
         self, request: pb.PublishEventRequest, context: Context
     ) -> pb.PublishEventResponse:
@@ -217,6 +246,7 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             context.set_trailing_metadata((("idempotent-replayed", "true"),))
         return pb.PublishEventResponse(**accepted.answer)
 
+    @_measured
     async def SendNotification(
         self, request: pb.SendNotificationRequest, context: Context
     ) -> pb.SendNotificationResponse:
@@ -233,6 +263,7 @@ class NotificationServicer(pb_grpc.NotificationServiceServicer):
             context.set_trailing_metadata((("idempotent-replayed", "true"),))
         return pb.SendNotificationResponse(**accepted.answer)
 
+    @_measured
     async def GetNotification(
         self, request: pb.GetNotificationRequest, context: Context
     ) -> pb.GetNotificationResponse:

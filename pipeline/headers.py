@@ -12,6 +12,7 @@ __all__ = [
     "ERROR_MESSAGE",
     "ERROR_RULE",
     "EVENT_ID",
+    "EVENT_TIME",
     "EVENT_TYPE",
     "FAILED_AT",
     "FIRST_FAILED_AT",
@@ -39,6 +40,8 @@ NOTIFICATION_ID = "herald-notification-id"
 CONTENT_TYPE = "content-type"
 SCHEMA = "herald-schema"  # "<full name>@<fingerprint or registry id>"
 TRACEPARENT = "traceparent"  # W3C trace context
+# On intents: the event's occurred_at (epoch milliseconds), for the delivery latency metric.
+EVENT_TIME = "herald-event-time"
 
 # Dead-letter records keep the original value and say where it came from and why.
 ORIGINAL_TOPIC = "herald-original-topic"
@@ -84,6 +87,7 @@ def for_record(
     event_id: str | None = None,
     notification_id: str | None = None,
     traceparent: str | None = None,
+    event_time_ms: int | None = None,
 ) -> Headers:
     """The headers of a record Herald writes (events, intents, statuses): whatever ids it
     has, its content type and schema, and the trace context, so that every producer writes
@@ -99,6 +103,8 @@ def for_record(
     hdrs.append((SCHEMA, schema_ref.encode()))
     if traceparent:
         hdrs.append((TRACEPARENT, traceparent.encode()))
+    if event_time_ms is not None:
+        hdrs.append((EVENT_TIME, str(event_time_ms).encode()))
     return hdrs
 
 

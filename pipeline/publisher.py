@@ -24,6 +24,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from pipeline import headers as h
+from pipeline import tracing
 from pipeline.schemas import EventType
 from pipeline.serialization import AvroSerde, serde_from_settings
 from pipeline.settings import HeraldSettings
@@ -141,6 +142,21 @@ class Publisher:
         envelope.setdefault("event_id", str(uuid.uuid4()))
         envelope.setdefault("occurred_at", datetime.now(UTC))
         envelope.setdefault("producer", self.producer_name)
+        if tracing.enabled():
+            # The event carries the publish span: its parent is the caller's traceparent.
+            with tracing.span(
+                f"herald.publish {et.name}",
+                parent=envelope.get("traceparent"),
+                kind="producer",
+                attributes={
+                    "herald.event_type": et.name,
+                    "herald.event_id": str(envelope["event_id"]),
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": self.topics.events(et.domain),
+                },
+            ) as span:
+                if span is not None:
+                    envelope["traceparent"] = span.traceparent
         envelope.setdefault("traceparent", new_traceparent())
         record["envelope"] = envelope
         schema = self.serde.schemas.latest(et.full_name)
@@ -223,6 +239,14 @@ class Publisher:
                 return
             except BufferError:
                 self._producer.poll(0.1)  # local queue full: let deliveries drain
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """Whether a broker answers a metadata request within ``timeout`` seconds."""
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except Exception:  # KafkaException on timeout or transport failure
+            return False
+        return True
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding events; returns how many are still not acknowledged."""

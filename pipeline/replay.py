@@ -294,6 +294,8 @@ def _one(
             intent = replace(intent, generation=generation, created_at=datetime.now(UTC))
             value, ref = serde.encode(NOTIFICATION_INTENT, intent.to_avro())
             hdrs[h.SCHEMA] = ref
+            # A new generation's latency counts from now (its created_at), not the event.
+            hdrs.pop(h.EVENT_TIME, None)
             stats.new_generation += 1
     out: h.Headers = [
         (k, v.encode())

@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 from pipeline import headers as h
+from pipeline import metrics, tracing
 from pipeline.publisher import (
     OutgoingRecord,
     OversizedRecordError,
@@ -290,7 +291,9 @@ class NotificationService:
             seed = f"event:{event_type}:{idem.ids_seed()}"
             envelope.setdefault("event_id", str(uuid.uuid5(_API_NS, seed)))
         envelope.setdefault("producer", producer)
-        envelope.setdefault("traceparent", h.valid_traceparent(traceparent) or new_traceparent())
+        caller = h.valid_traceparent(traceparent)
+        if caller or not tracing.enabled():  # else the publisher's span starts the trace
+            envelope.setdefault("traceparent", caller or new_traceparent())
         try:
             event, record = self.publisher.prepare(event_type, {**body, "envelope": envelope})
         except SchemaError as e:
@@ -337,44 +340,52 @@ class NotificationService:
         else:
             event_id = str(uuid.uuid4())
         recipient = str(body["recipient"])
-        intent = NotificationIntent(
-            notification_id=notification_id(event_id, "direct", channel, recipient),
-            event_id=event_id,
-            event_type="direct",
-            rule="direct",
-            channel=channel,
-            recipient=recipient,
-            subject=body.get("subject"),
-            body_text=str(body["body_text"]),
-            body_html=body.get("body_html"),
-            user_id=body.get("user_id"),
-            data={str(k): str(v) for k, v in data.items()},
-            created_at=datetime.now(UTC),
-            # The caller's trace continues through the notification (W3C Trace Context).
-            traceparent=h.valid_traceparent(traceparent) or new_traceparent(),
-        )
-        try:
-            value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
-        except RecordValidationError as e:
-            raise InvalidRequest("Invalid Notification", str(e), e.fields) from e
-        hdrs = h.for_record(
-            schema_ref=ref,
-            event_type="direct",
-            event_id=event_id,
-            notification_id=intent.notification_id,
-            traceparent=intent.traceparent,
-        )
-        record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
-        try:
-            self.publisher.check_size(record)
-        except OversizedRecordError as e:
-            raise RecordTooLarge(e) from e
-        answer = {
-            "notification_id": intent.notification_id,
-            "status": "accepted",
-            **(answer_extra or {}),
-        }
-        return await self._write(record, answer, idem)
+        caller = h.valid_traceparent(traceparent)
+        with tracing.span(
+            "herald.publish direct",
+            parent=caller,
+            kind="producer",
+            attributes={"herald.event_id": event_id, "herald.channel": channel},
+        ) as span:
+            intent = NotificationIntent(
+                notification_id=notification_id(event_id, "direct", channel, recipient),
+                event_id=event_id,
+                event_type="direct",
+                rule="direct",
+                channel=channel,
+                recipient=recipient,
+                subject=body.get("subject"),
+                body_text=str(body["body_text"]),
+                body_html=body.get("body_html"),
+                user_id=body.get("user_id"),
+                data={str(k): str(v) for k, v in data.items()},
+                created_at=datetime.now(UTC),
+                # The caller's trace continues through the notification (W3C Trace Context),
+                # through the publish span when tracing is on.
+                traceparent=span.traceparent if span else caller or new_traceparent(),
+            )
+            try:
+                value, ref = self.publisher.serde.encode(NOTIFICATION_INTENT, intent.to_avro())
+            except RecordValidationError as e:
+                raise InvalidRequest("Invalid Notification", str(e), e.fields) from e
+            hdrs = h.for_record(
+                schema_ref=ref,
+                event_type="direct",
+                event_id=event_id,
+                notification_id=intent.notification_id,
+                traceparent=intent.traceparent,
+            )
+            record = OutgoingRecord(self.topics.notifications(channel), recipient, value, hdrs)
+            try:
+                self.publisher.check_size(record)
+            except OversizedRecordError as e:
+                raise RecordTooLarge(e) from e
+            answer = {
+                "notification_id": intent.notification_id,
+                "status": "accepted",
+                **(answer_extra or {}),
+            }
+            return await self._write(record, answer, idem)
 
     async def deliveries(self, nid: str) -> list[LedgerEntry]:
         """What the ledger has for notification ``nid``, by generation. NotFound while it has
@@ -442,6 +453,12 @@ class NotificationService:
         except PublishError as e:
             log.warning("publish failed: %s", e)
             raise Unavailable("Kafka did not accept the record; retry") from e
+        metrics.PUBLISHED.labels(record.topic).inc()
+
+    async def ready(self) -> tuple[bool, str]:
+        """Whether Kafka answers (the API's readiness): a metadata request, 2 s at most."""
+        reachable = await asyncio.to_thread(self.publisher.reachable, 2.0)
+        return (True, "Kafka answers") if reachable else (False, "no Kafka broker answers")
 
     def purge_expired_keys(self) -> int:
         """Delete expired idempotency keys; returns how many. Claims do not depend on it (a

@@ -8,7 +8,7 @@ other setting is ``HERALD_*``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -105,6 +105,19 @@ class HeraldSettings(BaseSettings):
     # `grpc` extra). Port 0 serves HTTP only.
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
+
+    # Observability (pipeline/observe.py, pipeline/logs.py, pipeline/tracing.py)
+    # /metrics, /healthz and /readyz of the router and sink processes (`herald run all` serves
+    # one for both); 0 turns them off. The HTTP API serves them on its own port.
+    observe_host: str = "127.0.0.1"
+    observe_port: int = 9464
+    # librdkafka statistics (consumer lag per partition, broker reachability); 0 turns off.
+    kafka_stats_interval_ms: int = 5_000
+    log_format: Literal["text", "json"] = "text"  # read by `herald` before anything else
+    # One INFO line per sink outcome (sent, retrying, ...): off by default, for high volume.
+    log_outcomes: bool = False
+    # OpenTelemetry spans (the `otel` extra): None = on when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    otel_enabled: bool | None = None
 
     # Each channel's settings belong to its connector (connectors/<channel>.py), e.g.
     # HERALD_SMTP_* to EmailSettings.

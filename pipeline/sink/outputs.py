@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 
 from connectors.base import Connector, DeliveryResult
 from pipeline import headers as h
+from pipeline import metrics
 from pipeline.deadletter import dead_letter, safe_header_text
 from pipeline.records import DELIVERY_STATUS, DeliveryState, DeliveryStatus, NotificationIntent
 from pipeline.serialization import AvroSerde
@@ -82,7 +83,7 @@ class Outputs:
 
     def retry(self, msg: Message, attempts: int, result: DeliveryResult, now: datetime) -> None:
         """``msg`` again on tier min(attempts, tiers), due after the backoff (never before
-        the provider's retry-after)."""
+        the provider's retry-after), with its headers (the traceparent among them)."""
         delay = self.policy.delay_ms(attempts, result.retry_after, self.rng)
         topic = self.topics.notifications_retry(self.channel, self.policy.tier(attempts))
         hdrs = failure_headers(
@@ -93,6 +94,7 @@ class Outputs:
             original=self.original(msg),
         )
         self._produce(topic, msg.key(), msg.value(), hdrs)
+        metrics.RETRIES.labels(self.channel, topic).inc()
 
     def dead_letter(
         self,
@@ -102,7 +104,8 @@ class Outputs:
         error_class: str | None,
         now: datetime | None = None,
     ) -> None:
-        """``msg`` to the channel's DLQ with its first coordinates and failure history."""
+        """``msg`` to the channel's DLQ with its first coordinates and failure history (and
+        its headers, the traceparent among them)."""
         where = self.original(msg)
         hdrs = failure_headers(
             h.pairs(msg.headers()),
@@ -125,6 +128,8 @@ class Outputs:
             max_bytes=self.max_record_bytes,
         )
         self._produce(dl.topic, dl.key, dl.value, dl.headers)
+        error_name = metrics.bounded(error_class or type(error).__name__)
+        metrics.DEAD_LETTERS.labels("sink", self.channel, error_name).inc()
 
     def status(
         self,
@@ -148,16 +153,13 @@ class Outputs:
             occurred_at=now,
         )
         value, ref = self.serde.encode(DELIVERY_STATUS, status.to_avro())
-        self._produce(
-            self.topics.status,
-            intent.notification_id.encode(),
-            value,
-            [
-                (h.NOTIFICATION_ID, intent.notification_id.encode()),
-                (h.EVENT_ID, intent.event_id.encode()),
-                (h.SCHEMA, ref.encode()),
-            ],
+        hdrs = h.for_record(
+            schema_ref=ref,
+            event_id=intent.event_id,
+            notification_id=intent.notification_id,
+            traceparent=h.valid_traceparent(intent.traceparent),
         )
+        self._produce(self.topics.status, intent.notification_id.encode(), value, hdrs)
 
     def original(self, msg: Message) -> tuple[str, int, int]:
         """Where the notification first appeared (kept across retry tiers)."""

@@ -45,12 +45,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from confluent_kafka import Message, Producer
 
-from connectors.base import Connector, DeliveryResult, Outcome
+from connectors.base import TRACEPARENT, Connector, DeliveryResult, Outcome
 from pipeline import headers as h
+from pipeline import logs, metrics, observe, tracing
 from pipeline.deadletter import safe_header_text
+from pipeline.kafka.stats import KafkaStats
 from pipeline.records import (
     DELIVERY_STATUS,
     NOTIFICATION_INTENT,
@@ -80,6 +83,23 @@ from pipeline.topics import Topics
 __all__ = ["SinkStats", "SinkWorker"]
 
 log = logging.getLogger(__name__)
+
+_BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_OUTCOME_NAMES = {
+    DeliveryState.SENT: "sent",
+    DeliveryState.REJECTED: "rejected",
+    DeliveryState.DEAD: "dead",
+    DeliveryState.RETRYING: "retrying",
+}
+
+
+def _event_time(msg: Message, intent: NotificationIntent) -> float:
+    """When the notification's cause happened, in epoch seconds: the event's time the router
+    put on the intent, else the intent's creation (direct notifications, redrives)."""
+    raw = h.as_dict(msg.headers()).get(h.EVENT_TIME)
+    if raw and raw.isdigit():
+        return int(raw) / 1000
+    return intent.created_at.timestamp()
 
 
 @dataclass(eq=False)
@@ -145,6 +165,28 @@ class SinkWorker:
             self.channel,
         )
         self.stats = SinkStats()
+        # Prometheus children, bound once (pipeline/metrics.py).
+        self._outcomes = {
+            name: metrics.DELIVERIES.labels(self.channel, name)
+            for name in (
+                "sent",
+                "rejected",
+                "dead",
+                "retrying",
+                "throttled",
+                "skipped",
+                "abandoned",
+            )
+        }
+        self._consumed: dict[str, Any] = {}
+        self._latency = metrics.DELIVERY_LATENCY.labels(self.channel)
+        self._send_seconds = {
+            o: metrics.SEND_SECONDS.labels(self.channel, o.value) for o in Outcome
+        }
+        self._breaker_opened = metrics.BREAKER_OPENED.labels(self.channel)
+        # librdkafka statistics of the consumer run() builds: lag, broker reachability.
+        self.kafka_stats = KafkaStats("sink")
+        self._assigned: set[TP] | None = None  # None until the group's first assignment
         self.ledger = LedgerThread(ledger)
         self.deduper = Deduper(self.ledger.lookup)
         self.checkpoint = Checkpoint(
@@ -171,6 +213,10 @@ class SinkWorker:
         self._stopping.set()
 
     async def run(self) -> None:
+        readiness = f"sink-{self.channel}"
+        observe.register_readiness(readiness, self.readiness)
+        metrics.IN_FLIGHT.labels(self.channel).set_function(self._in_flight)
+        metrics.BREAKER_STATE.labels(self.channel).set_function(self._breaker_state)
         try:
             # Status records are encoded after a send: make sure their schema is registered
             # first, so a registry outage later cannot fail a record already sent.
@@ -192,13 +238,19 @@ class SinkWorker:
                 rng=self._rng,
             )
             source = self._source or KafkaSource(
-                self.settings.consumer_config(self.group_id), self.channel
+                self.settings.consumer_config(
+                    self.group_id,
+                    **self.kafka_stats.config(self.settings.kafka_stats_interval_ms),
+                ),
+                self.channel,
             )
             self._source = source
             await source.start([self.topic, *self.retry_topics], self)
             log.info("%s sink consuming %s as group %s", self.channel, self.topic, self.group_id)
             await self._consume(source)
         finally:
+            observe.unregister_readiness(readiness)
+            self.kafka_stats.close()
             await self.ledger.close()
         if self._fatal is not None:
             raise self._fatal
@@ -226,13 +278,41 @@ class SinkWorker:
     # -- rebalancing (called by the consumer, on the event loop) -----------------------------
 
     async def assigned(self, tps: list[TP]) -> dict[TP, int]:
-        return await self.ledger.offsets(self.group_id, tps)
+        offsets = await self.ledger.offsets(self.group_id, tps)
+        self._assigned = (self._assigned or set()) | set(tps)
+        return offsets
 
     async def revoked(self, tps: list[TP]) -> dict[TP, int]:
+        if self._assigned is not None:
+            self._assigned -= set(tps)
         return await self._drain(tps)
 
     async def lost(self, tps: list[TP]) -> None:
+        if self._assigned is not None:
+            self._assigned -= set(tps)
         self._forget(tps)
+
+    # -- observability -----------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: the group has assigned this sink its partitions (possibly none, when the
+        group has more members than partitions), a broker answers, and the breaker is not
+        open. Called on each /readyz."""
+        if self._fatal is not None:
+            return False, f"stopping after a failure: {type(self._fatal).__name__}"
+        if self._assigned is None:
+            return False, f"waiting for the group's assignment ({self.group_id})"
+        if self.kafka_stats.broker_up is False:
+            return False, "no Kafka broker answers"
+        if self.breaker.state is BreakerState.OPEN:
+            return False, f"circuit breaker open for {self.breaker.remaining_open_s():.1f}s more"
+        return True, f"{len(self._assigned)} partition(s) assigned"
+
+    def _in_flight(self) -> float:
+        return float(sum(p.window.in_flight for p in list(self._parts.values())))
+
+    def _breaker_state(self) -> float:
+        return float(_BREAKER_VALUES[self.breaker.state])
 
     async def _drain(self, tps: list[TP]) -> dict[TP, int]:
         """Stop starting records of ``tps``, wait for their windows to be recorded, and
@@ -271,6 +351,10 @@ class SinkWorker:
     def _accept(self, msg: Message) -> None:
         topic, partition, _ = coords(msg)
         tp = (topic, partition)
+        consumed = self._consumed.get(topic)
+        if consumed is None:
+            consumed = self._consumed[topic] = metrics.CONSUMED.labels("sink", topic)
+        consumed.inc()
         part = self._parts.get(tp)
         if part is None:
             part = self._parts[tp] = _Partition(tp, OffsetWindow(tp))
@@ -332,6 +416,12 @@ class SinkWorker:
 
     async def _process(self, part: _Partition, msg: Message, offset: int) -> None:
         topic, partition, _ = coords(msg)
+        with logs.context(channel=self.channel, topic=topic, partition=partition, offset=offset):
+            await self._process_in_context(part, msg, topic, partition, offset)
+
+    async def _process_in_context(
+        self, part: _Partition, msg: Message, topic: str, partition: int, offset: int
+    ) -> None:
         try:
             decoded = await self._decode(msg, topic, partition, offset)
             intent = NotificationIntent.from_avro(decoded.record)
@@ -342,6 +432,7 @@ class SinkWorker:
             self.checkpoint.complete(part.window, offset, None)
             return
         key = (intent.notification_id, intent.generation)
+        logs.update_context(notification_id=intent.notification_id, event_id=intent.event_id)
         try:
             async with self.deduper.exclusive(key):
                 retry = topic in self.retry_topics
@@ -349,6 +440,7 @@ class SinkWorker:
                 outcome = await self._deliver(part, msg, intent, key, attempts)
         except _Abandoned:
             self.stats.abandoned += 1
+            self._outcomes["abandoned"].inc()
             self.checkpoint.abandon(part.window, offset)
             return
         self.checkpoint.complete(part.window, offset, outcome)
@@ -382,6 +474,7 @@ class SinkWorker:
     ) -> LedgerOutcome | None:
         if await self.deduper.already_handled(key, attempts_before):
             self.stats.skipped += 1
+            self._outcomes["skipped"].inc()
             return None
         result = oversize(self.connector, intent)
         if result is None:
@@ -391,6 +484,7 @@ class SinkWorker:
         if result.outcome is Outcome.SENT:
             self.stats.sent += 1
             state = DeliveryState.SENT
+            self._latency.observe(max(0.0, now.timestamp() - _event_time(msg, intent)))
         elif result.outcome is Outcome.REJECTED:
             self.stats.rejected += 1
             state = DeliveryState.REJECTED
@@ -411,6 +505,19 @@ class SinkWorker:
             self.stats.retried += 1
             state = DeliveryState.RETRYING
             self.outputs.retry(msg, attempts, result, now)
+        self._outcomes[_OUTCOME_NAMES[state]].inc()
+        if self.settings.log_outcomes:
+            log.info(
+                "%s %s after %d attempt(s)",
+                self.channel,
+                state.value,
+                attempts,
+                extra={
+                    "outcome": state.value,
+                    "attempts": attempts,
+                    "error_class": result.error_class,
+                },
+            )
         self.outputs.status(intent, state, attempts, result, now)
         self.deduper.remember(key, state, attempts)
         return LedgerOutcome(
@@ -439,7 +546,7 @@ class SinkWorker:
                     self.breaker.release_probe()
                 raise _Abandoned
             try:
-                result = await self._send(intent)
+                result = await self._send(intent, attempts_before + 1)
             finally:
                 self.gate.release()
             if not self.pause.applies(result):
@@ -448,6 +555,7 @@ class SinkWorker:
             if probe:
                 self.breaker.release_probe()
             self.stats.throttled += 1
+            self._outcomes["throttled"].inc()
             self.pause.start(result)
             self.outputs.status(
                 intent, DeliveryState.THROTTLED, attempts_before, result, datetime.now(UTC)
@@ -458,6 +566,7 @@ class SinkWorker:
         if result.outcome is Outcome.RETRYABLE:
             self.breaker.failure(probe)
             if self.breaker.opened_count != before:
+                self._breaker_opened.inc()
                 log.warning(
                     "%s circuit breaker open for %.1fs after %s: %s",
                     self.channel,
@@ -471,12 +580,41 @@ class SinkWorker:
             if was_open:
                 log.warning("%s circuit breaker closed: the provider answers again", self.channel)
 
-    async def _send(self, intent: NotificationIntent) -> DeliveryResult:
-        try:
-            return await self.connector.send(intent)
-        except Exception as e:  # a connector bug or an unexpected failure: try again later
-            log.exception("%s connector raised for %s", self.channel, intent.notification_id)
-            return DeliveryResult.retryable(type(e).__name__, str(e))
+    async def _send(self, intent: NotificationIntent, attempt: int) -> DeliveryResult:
+        """One provider call, in a span "herald.send <channel>" continuing the intent's
+        trace (when tracing is on); the connector sees the span's traceparent (or, with
+        tracing off, the intent's) in ``connectors.base.TRACEPARENT``."""
+        started = time.perf_counter()
+        attributes: dict[str, str | int] = {
+            "herald.notification_id": intent.notification_id,
+            "herald.event_id": intent.event_id,
+            "herald.channel": self.channel,
+            "herald.generation": intent.generation,
+            "herald.attempt": attempt,
+        }
+        with tracing.span(
+            f"herald.send {self.channel}",
+            parent=intent.traceparent,
+            kind="client",
+            attributes=attributes,
+        ) as span:
+            token = TRACEPARENT.set(
+                span.traceparent if span else h.valid_traceparent(intent.traceparent)
+            )
+            try:
+                result = await self.connector.send(intent)
+            except Exception as e:  # a connector bug or an unexpected failure: try again later
+                log.exception("%s connector raised for %s", self.channel, intent.notification_id)
+                result = DeliveryResult.retryable(type(e).__name__, str(e))
+            finally:
+                TRACEPARENT.reset(token)
+            if span is not None:
+                span.set("herald.outcome", result.outcome.value)
+                span.set("herald.error_class", result.error_class)
+                if result.outcome is not Outcome.SENT:
+                    span.error(result.error_class or result.outcome.value)
+        self._send_seconds[result.outcome].observe(time.perf_counter() - started)
+        return result
 
     # -- recording ---------------------------------------------------------------------------
 

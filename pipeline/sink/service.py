@@ -12,6 +12,7 @@ import mode
 
 from connectors.base import Connector
 from connectors.registry import connector_class
+from pipeline import observe
 from pipeline.kafka.admin import ensure_topics
 from pipeline.settings import HeraldSettings
 from pipeline.sink.runtime import SinkWorker
@@ -37,13 +38,19 @@ async def _run_and_close(worker: SinkWorker) -> None:
 
 
 async def run_sinks(settings: HeraldSettings, channels: list[str]) -> None:
-    """Run sink workers until SIGINT or SIGTERM; each finishes and commits its batch."""
+    """Run sink workers until SIGINT or SIGTERM; each finishes and commits its batch. Serves
+    /metrics, /healthz and /readyz on HERALD_OBSERVE_HOST:HERALD_OBSERVE_PORT meanwhile."""
     ensure_topics(settings)
     workers = build_workers(settings, channels)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _stop_all, workers)
-    await asyncio.gather(*(_run_and_close(w) for w in workers))
+    server = await observe.serve(settings.observe_host, settings.observe_port)
+    try:
+        await asyncio.gather(*(_run_and_close(w) for w in workers))
+    finally:
+        if server is not None:
+            await server.close()
 
 
 def _stop_all(workers: list[SinkWorker]) -> None:

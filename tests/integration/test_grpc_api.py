@@ -344,3 +344,23 @@ async def test_refusals_are_status_codes_naming_the_field(
 
     assert intents(server, "email") == []
     assert server.records(server.topics.events("user")) == []
+
+
+async def test_calls_are_counted_by_method_and_status_on_the_http_metrics(
+    server: Server, stub: pb_grpc.NotificationServiceStub
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await stub.SendNotification(email("counted@example.com"), metadata=AUTH)
+    e = await refused(stub.SendNotification(email("counted@example.com"), metadata=()))
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as r:  # noqa: S310
+        text = r.read().decode()
+    counted = {
+        (s.labels["method"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "herald_grpc_requests_total"
+    }
+    assert counted[("SendNotification", "OK")] == 1
+    assert counted[("SendNotification", "UNAUTHENTICATED")] == 1

@@ -18,13 +18,18 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
         ("pipeline.records", "pipeline.headers", "connectors.base", "connectors.registry"),
     ),
     (
-        "2 schemas, serialization, settings, topics",
+        "2 schemas, serialization, settings, topics, observability",
         (
             "pipeline.schemas",
             "pipeline.serialization",
             "pipeline.settings",
             "pipeline.topics",
             "pipeline.deadletter",
+            # Metrics, log format, tracing and the probe server: every floor above uses them.
+            "pipeline.metrics",
+            "pipeline.logs",
+            "pipeline.tracing",
+            "pipeline.observe",
         ),
     ),
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
