@@ -20,7 +20,8 @@ Recording (group commit, every ``HERALD_SINK_COMMIT_INTERVAL_MS``). The producer
 so every dead letter, retry and status record of the completed sends is acknowledged; then
 ONE ledger transaction stores the outcomes and each partition's next offset, which only
 advances over a contiguous run of completed records; then the same offsets are committed to
-Kafka (so ``kafka-consumer-groups --describe`` shows true lag). Only then does a record
+Kafka, moved past any transaction markers that follow (so ``kafka-consumer-groups
+--describe`` shows true lag). Only then does a record
 leave its window.
 
 Rebalancing. The consumer is touched by one thread only. On assignment a partition starts
@@ -169,6 +170,10 @@ class SinkWorker:
         # Requests for the consumer thread (the only thread that touches the consumer).
         self._pause_requests: dict[TP, bool] = {}
         self._commit_request: dict[TP, int] = {}
+        # The consumer thread's own view: the last offset it returned and the offset it
+        # last committed to Kafka, per partition (see _past_markers).
+        self._returned: dict[TP, int] = {}
+        self._committed: dict[TP, int] = {}
         self._consumer_thread = concurrent.futures.ThreadPoolExecutor(1, "herald-consumer")
         self._ledger_thread = concurrent.futures.ThreadPoolExecutor(1, "herald-ledger")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -242,9 +247,11 @@ class SinkWorker:
         if resume:
             consumer.resume(resume)
         commit, self._commit_request = self._commit_request, {}
+        commit.update(self._past_markers(consumer, commit))
         if commit:
             offsets = [TopicPartition(t, p, o) for (t, p), o in commit.items()]
             consumer.commit(offsets=offsets, asynchronous=True)
+            self._committed.update(commit)
         # Wait for the first record only: consume(500, 0.1) waits the whole 0.1 s unless 500
         # records are there, which added ~50 ms of latency at moderate rates. Under load the
         # queue holds more than the first record and the batch fills without waiting.
@@ -255,14 +262,37 @@ class SinkWorker:
             err = msg.error()
             if err is None:
                 out.append(msg)
+                topic, partition, offset = _coords(msg)
+                self._returned[(topic, partition)] = offset
             elif err.fatal():
                 raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
                 log.warning("%s sink consumer error: %s", self.channel, err)
         return out
 
+    def _past_markers(self, consumer: Consumer, commit: dict[TP, int]) -> dict[TP, int]:
+        """Where a partition's offset to commit follows the last record returned, and the
+        consumer's position is further on, only records it never returns lie between:
+        transaction markers and aborted records (the router writes intents in
+        transactions). Committing the position then keeps the lag Kafka reports at 0
+        instead of 1 behind a marker; the ledger keeps the offset after the last record."""
+        settled = {
+            tp: offset
+            for tp, offset in {**self._committed, **commit}.items()
+            if self._returned.get(tp) == offset - 1
+        }
+        if not settled:
+            return {}
+        further = {}
+        for pos in consumer.position([TopicPartition(t, p) for t, p in settled]):
+            tp = (pos.topic, pos.partition)
+            if pos.error is None and pos.offset > settled[tp]:
+                further[tp] = pos.offset
+        return further
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._forget_positions(tps)
         ledger_offsets = self._call_on_loop(self._ledger_offsets(tps))
         committed = {
             (c.topic, c.partition): c.offset
@@ -304,6 +334,7 @@ class SinkWorker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._forget_positions(tps)
         offsets = self._call_on_loop(self._drain(tps))
         if offsets:
             with contextlib.suppress(KafkaException):
@@ -319,11 +350,18 @@ class SinkWorker:
         # in-flight records are recorded in the ledger as they finish; a resend by the new
         # owner is skipped once those land, or carries the same idempotency key.
         log.warning("%s sink lost %s", self.channel, _describe(partitions))
-        self._call_on_loop(self._forget([(p.topic, p.partition) for p in partitions]))
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._forget_positions(tps)
+        self._call_on_loop(self._forget(tps))
         if self._cooperative:
             consumer.incremental_unassign(partitions)
         else:
             consumer.unassign()
+
+    def _forget_positions(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self._returned.pop(tp, None)
+            self._committed.pop(tp, None)
 
     def _call_on_loop(self, coro: Any) -> Any:
         assert self._loop is not None  # noqa: S101
