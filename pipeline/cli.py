@@ -148,10 +148,20 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
         api = create_api(settings, grpc=grpc)
         web.run_app(api, host=settings.api_host, port=settings.api_port)
         return 0
+    channels = args.channels or ["email"]
     if args.component == "sink":
         from pipeline.sink.service import run_sinks
 
-        asyncio.run(run_sinks(settings, args.channels or ["email"]))
+        asyncio.run(run_sinks(settings, channels))
+        return 0
+    if settings.router_engine == "confluent":
+        from pipeline.router.loop import RouterLoop, run_router
+        from pipeline.sink.service import run_sinks
+
+        if args.component == "router":
+            asyncio.run(run_router(settings))
+        else:
+            asyncio.run(run_sinks(settings, channels, beside=RouterLoop.from_settings(settings)))
         return 0
     import faust
 
@@ -164,7 +174,7 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
     if args.component == "all":
         from pipeline.sink.service import SinkService
 
-        services.append(SinkService(settings, args.channels or ["email"]))
+        services.append(SinkService(settings, channels))
     worker = faust.Worker(app, *services, loglevel=args.log_level.lower(), override_logging=False)
     worker.execute_from_commandline()  # exits the process when the worker stops
 

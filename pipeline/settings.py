@@ -55,8 +55,15 @@ class HeraldSettings(BaseSettings):
     # Router
     rules_file: Path = project_root() / "config" / "rules.toml"
     templates_dir: Path = project_root() / "config" / "templates"
-    router_app_id: str = "herald-router"
-    processing_guarantee: str = "exactly_once"
+    router_app_id: str = "herald-router"  # the router's consumer group
+    # exactly_once: each batch's intents and its source offsets commit in one Kafka
+    # transaction; at_least_once: intents are acknowledged before the offsets commit.
+    processing_guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    # confluent: router/loop.py, a transactional consume-transform-produce loop (holds
+    # exactly_once). faust: router/app.py, the faust-streaming agent (at-least-once whatever
+    # the guarantee says: its transactions carry the offsets but not the sends). Switch
+    # with every router of the group stopped: the two use different assignors.
+    router_engine: Literal["confluent", "faust"] = "confluent"
     router_data_dir: Path = project_root() / ".herald" / "router"
     router_session_timeout_s: float = 10.0
     # While the schema registry cannot answer, the router holds the event and retries after
@@ -196,6 +203,24 @@ class HeraldSettings(BaseSettings):
                 conf["bearer.auth.identity.pool.id"] = self.schema_registry_bearer_identity_pool
         if self.schema_registry_ca_file is not None:
             conf["ssl.ca.location"] = str(self.schema_registry_ca_file)
+        return conf
+
+    def router_consumer_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka settings for the router's consumer: no automatic commits (offsets
+        go with the transaction, or after the outputs are acknowledged), committed reads."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id,
+            "group.id": self.router_app_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": int(self.router_session_timeout_s * 1000),
+            "heartbeat.interval.ms": max(500, int(self.router_session_timeout_s * 200)),
+        }
+        conf.update(extra)
         return conf
 
     def admin_config(self) -> dict[str, Any]:

@@ -115,3 +115,18 @@ def fresh_postgres_database(postgres_url: str) -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Measurements that tests recorded with ``record_property``, one line per test."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            props = getattr(report, "user_properties", None)
+            if getattr(report, "when", None) == "call" and props:
+                values = " ".join(f"{name}={value}" for name, value in props)
+                lines.append(f"{report.nodeid}: {values}")
+    if lines:
+        terminalreporter.section("measurements")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -90,6 +90,10 @@ class KafkaSource:
         # Consumer thread only:
         self._want_paused: set[TP] = set()
         self._paused: set[TP] = set()
+        # The last offset returned and the offset last committed to Kafka, per partition
+        # (see _past_markers).
+        self._returned: dict[TP, int] = {}
+        self._committed: dict[TP, int] = {}
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: RebalanceListener | None = None
@@ -144,6 +148,9 @@ class KafkaSource:
             err = msg.error()
             if err is None:
                 out.append(msg)
+                self._returned[(str(msg.topic()), int(msg.partition() or 0))] = int(
+                    msg.offset() or 0
+                )
             elif err.fatal():
                 raise KafkaException(err)
             elif err.code() != KafkaError._PARTITION_EOF:
@@ -168,12 +175,40 @@ class KafkaSource:
         if resume:
             consumer.resume([TopicPartition(t, p) for t, p in sorted(resume)])
         self._paused = target
+        commit.update(self._past_markers(consumer, commit))
         if commit:
             offsets = [TopicPartition(t, p, o) for (t, p), o in commit.items()]
             consumer.commit(offsets=offsets, asynchronous=True)
+            self._committed.update(commit)
+
+    def _past_markers(self, consumer: Consumer, commit: dict[TP, int]) -> dict[TP, int]:
+        """Where a partition's offset to commit follows the last record returned, and the
+        consumer's position is further on, only records it never returns lie between:
+        transaction markers and aborted records (the router writes intents in
+        transactions). Committing the position then keeps the lag Kafka reports at 0
+        instead of 1 behind a marker; the ledger keeps the offset after the last record."""
+        settled = {
+            tp: offset
+            for tp, offset in {**self._committed, **commit}.items()
+            if self._returned.get(tp) == offset - 1
+        }
+        if not settled:
+            return {}
+        further = {}
+        for pos in consumer.position([TopicPartition(t, p) for t, p in settled]):
+            tp = (pos.topic, pos.partition)
+            if pos.error is None and pos.offset > settled[tp]:
+                further[tp] = pos.offset
+        return further
+
+    def _forget_positions(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self._returned.pop(tp, None)
+            self._committed.pop(tp, None)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._forget_positions(tps)
         ledger_offsets = self._on_loop(self._listener_().assigned(tps))
         committed = {
             (c.topic, c.partition): c.offset
@@ -218,6 +253,7 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._forget_positions(tps)
         offsets = self._on_loop(self._listener_().revoked(tps))
         if offsets:
             with contextlib.suppress(KafkaException):
@@ -233,6 +269,7 @@ class KafkaSource:
         # in-flight records are recorded in the ledger as they finish; a resend by the new
         # owner is skipped once those land, or carries the same idempotency key.
         log.warning("%s sink lost %s", self._name, _describe(partitions))
+        self._forget_positions([(p.topic, p.partition) for p in partitions])
         self._on_loop(self._listener_().lost([(p.topic, p.partition) for p in partitions]))
         self._unassign(consumer, partitions)
 
