@@ -33,8 +33,10 @@ from mode.supervisors import CrashingSupervisor
 
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
+from pipeline.kafka.security import faust_credentials
+from pipeline.router.check import check_rules
 from pipeline.router.handler import Output, RouterHandler
-from pipeline.router.rules import RuleError, load_rules
+from pipeline.router.rules import load_rules
 from pipeline.router.templates import Templates
 from pipeline.serialization import RegistryUnavailableError, serde_from_settings
 from pipeline.settings import HeraldSettings
@@ -49,26 +51,14 @@ EXIT_UNEXPECTED = 70
 
 
 def create_handler(settings: HeraldSettings) -> RouterHandler:
-    """Load rules, templates and schemas; fail at start-up, not on the first event."""
+    """Load rules, templates and schemas; fail at start-up, not on the first event: the
+    rules are checked as `herald rules check` does (pipeline/router/check.py)."""
     from connectors.registry import installed_channels
 
     rules = load_rules(settings.rules_file)
     serde = serde_from_settings(settings)
-    channels = installed_channels()
-    event_types = {et.name for et in serde.schemas.event_types()}
-    for rule in rules.rules:
-        if rule.channel not in channels:
-            raise RuleError(
-                f"rule {rule.name!r}: unknown channel {rule.channel!r}; "
-                f"installed connectors serve: {', '.join(channels)}"
-            )
-        if rule.event not in event_types:
-            raise RuleError(
-                f"rule {rule.name!r}: unknown event {rule.event!r}; "
-                f"schemas/ declares: {', '.join(sorted(event_types))}"
-            )
     templates = Templates(settings.templates_dir)
-    templates.check({r.template for r in rules.rules})
+    check_rules(rules, templates, serde.schemas, installed_channels()).raise_for_problems()
     return RouterHandler(
         serde,
         rules,
@@ -153,6 +143,7 @@ def create_app(settings: HeraldSettings) -> faust.App:
     app = faust.App(
         settings.router_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",

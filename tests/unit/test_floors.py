@@ -25,6 +25,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.settings",
             "pipeline.topics",
             "pipeline.deadletter",
+            "pipeline.environment",
+            "pipeline.examples",
         ),
     ),
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
