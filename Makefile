@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 
-.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres chaos bench clean
+.PHONY: demo test lint install kafka-jars kafka-up kafka-down postgres compose-cli chaos bench clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,18 @@ lint: install
 # (or use HERALD_TEST_POSTGRES_URL). Installs Debian's package when missing (as root).
 postgres:
 	bash scripts/ensure-postgres.sh
+
+# The Docker Compose CLI, built from its Go module, for `docker compose config` in
+# tests/test_compose.py on machines without Docker (that test is skipped without it). Several
+# minutes on two cores; not part of `make test`.
+COMPOSE_VERSION ?= v5.6.0
+compose-cli: .herald/bin/docker-compose
+.herald/bin/docker-compose:
+	rm -rf .herald/compose-build && mkdir -p .herald/compose-build .herald/bin
+	cd .herald/compose-build && go mod init herald-compose-cli \
+	    && go get github.com/docker/compose/v5/cmd@$(COMPOSE_VERSION) \
+	    && go build -o $(abspath .herald/bin/docker-compose) github.com/docker/compose/v5/cmd
+	rm -rf .herald/compose-build
 
 # The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS) and SMTP servers.
 test: install kafka-jars postgres lint

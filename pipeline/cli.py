@@ -6,6 +6,7 @@ herald topics ensure                        create Herald's topics
 herald publish EVENT_TYPE --data JSON       validate and publish one domain event
 herald run router | sink CHANNEL... | all   the pipeline's processes
 herald rules check                          rules, templates and schemas, checked together
+herald health                               Kafka and the registry answer (healthchecks)
 herald init DIR                             an editable copy of rules, templates and schemas
 herald tail TOPIC                           decoded records as JSON lines
 herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
@@ -336,6 +337,29 @@ def cmd_replay(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    """What a process of this deployment needs, reached with its settings: Kafka (with its
+    security settings) and, when one is configured, the schema registry. For container
+    healthchecks: exit status 0 when all answer."""
+    import urllib.request
+
+    from pipeline.kafka.admin import connect_admin
+
+    admin = connect_admin(settings, timeout=args.timeout)
+    brokers = len(admin.list_topics(timeout=args.timeout).brokers)
+    print(f"ok: kafka {settings.kafka_bootstrap_servers} ({brokers} brokers)")
+    if settings.schema_registry_url:
+        url = settings.schema_registry_url.rstrip("/") + "/subjects"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
+                response.read()
+        except OSError as e:
+            print(f"herald health: schema registry {url}: {e}", file=sys.stderr)
+            return 1
+        print(f"ok: schema registry {settings.schema_registry_url}")
+    return 0
+
+
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     import textwrap
 
@@ -488,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ledger", action="store_true", help="do not consult the ledger (the sink still does)"
     )
     rp.set_defaults(func=cmd_replay)
+
+    he = sub.add_parser("health", help="check that Kafka (and the registry) answer")
+    he.add_argument("--timeout", type=float, default=10.0, help="seconds per check")
+    he.set_defaults(func=cmd_health)
 
     ru = sub.add_parser("rules", help="check rules, templates and schemas together")
     ru.add_argument("action", choices=["check"])

@@ -65,7 +65,7 @@ def _credentials(settings: HeraldSettings) -> str:
 def _reason(error: KafkaError) -> str:
     """librdkafka's message without its broker prefix and timing suffix."""
     text = error.str()
-    text = re.sub(r"^\S+://\S+?: ", "", text)
+    text = re.sub(r"^(?:\w+://)?[\w.\-\[\]:]+/\w+: ", "", text)
     text = re.sub(r" \(after \d+ms in state [A-Z_]+\)", "", text)
     return re.sub(r"\s+\(after .*\)$", "", text)
 
