@@ -540,7 +540,7 @@ def _fail(message: str, status: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from connectors.registry import UnknownChannelError
+    from connectors.registry import DuplicateChannelError, UnknownChannelError
     from pipeline.environment import describe_validation_error, unknown_variables
     from pipeline.kafka.admin import KafkaAccessError, KafkaUnreachableError
     from pipeline.router.rules import RuleError
@@ -553,7 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for name, nearest in unknown_variables(os.environ):
+    try:
+        unknown = unknown_variables(os.environ)
+    except (DuplicateChannelError, ImportError) as e:
+        # An installed connector package that cannot be loaded.
+        return _fail(f"loading the installed connectors: {type(e).__name__}: {e}", EXIT_CONFIG)
+    for name, nearest in unknown:
         hint = f"; did you mean {nearest}?" if nearest else ""
         print(f"herald: warning: {name} is not a Herald setting{hint}", file=sys.stderr)
     try:
