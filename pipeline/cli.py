@@ -197,14 +197,30 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+class ConnectorConfigError(ValueError):
+    """A connector cannot be built from its settings."""
+
+
+def _check_connectors(channels: list[str]) -> None:
+    """Build each channel's connector once, before anything connects, so that invalid or
+    missing settings (a bad HERALD_SMTP_PORT, an empty HERALD_SMS_AUTH_TOKEN) or a missing
+    extra stop the process now, not when the first intent arrives."""
+    from connectors.registry import connector_class
+
+    for channel in channels:
+        cls = connector_class(channel)
+        try:
+            connector = cls.from_env()
+        except ValidationError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise ConnectorConfigError(f"the {channel} connector cannot start: {e}") from None
+        asyncio.run(connector.aclose())
+
+
 def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
     if args.component in ("sink", "all"):
-        # Every connector's settings are read now, before anything connects: a bad
-        # HERALD_SMTP_PORT stops the process here, not when the first intent arrives.
-        from connectors.registry import connector_class
-
-        for channel in args.channels or ["email"]:
-            connector_class(channel).settings_class()
+        _check_connectors(args.channels or ["email"])
     if args.component == "api":
         from aiohttp import web
 
@@ -568,7 +584,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"invalid setting: {describe_validation_error(e)}", EXIT_CONFIG)
     except KafkaUnreachableError as e:
         return _fail(str(e), EXIT_UNAVAILABLE)
-    except (KafkaAccessError, RuleError, TemplateRenderError, SchemaError) as e:
+    except (
+        KafkaAccessError,
+        RuleError,
+        TemplateRenderError,
+        SchemaError,
+        ConnectorConfigError,
+    ) as e:
         return _fail(str(e), EXIT_CONFIG)
     except UnknownChannelError as e:
         return _fail(str(e.args[0]), EXIT_CONFIG)

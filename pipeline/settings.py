@@ -59,7 +59,10 @@ def state_dir() -> Path:
 
 
 class HeraldSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+    # An empty variable counts as unset (compose's ${NAME:-} placeholders give empty ones).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     # Kafka
     kafka_bootstrap_servers: str = Field(

@@ -119,18 +119,22 @@ def _render(
     rule: Rule, templates: Templates, example: dict[str, object], full: bool
 ) -> tuple[str | None, NotificationIntent | None]:
     """(problem, intent) for one rule and one example event."""
-    which = "a full example" if full else "an example with optional fields null"
+    which = (
+        f"a {rule.event} example with every field set"
+        if full
+        else f"a {rule.event} example with its optional fields null"
+    )
     context = {**example, "event_type": rule.event, "event": example}
     if rule.when is not None:
         try:
             holds = templates.condition(rule.when, context)
         except TemplateRenderError as e:
-            return f"rule {rule.name!r} on {which} of {rule.event}: {e}", None
+            return f"rule {rule.name!r}: {e} (for {which})", None
         if not holds and not full:
             return None, None  # the condition keeps such events away from this rule
     unconditional = RuleSet([dataclasses.replace(rule, when=None)])
     try:
         intents = route(rule.event, example, unconditional, templates, _NOW)
     except RoutingError as e:
-        return f"{e} (on {which} of {rule.event})", None
+        return f"{e} (for {which})", None
     return None, intents[0] if intents else None

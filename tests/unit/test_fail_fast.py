@@ -57,6 +57,8 @@ CASES = [
         "HERALD_KAFKA_SASL_USERNAME",
     ),
     (["run", "sink", "pigeon-post"], {}, "no connector for channel 'pigeon-post'"),
+    # Compose's ${NAME:-} placeholders: an empty credential is a missing one.
+    (["run", "sink", "sms"], {"HERALD_SMS_AUTH_TOKEN": ""}, "HERALD_SMS_ACCOUNT_SID is not set"),
 ]
 
 
