@@ -23,7 +23,7 @@ import fastavro.validation
 
 from pipeline.examples import example_record
 from pipeline.records import NOTIFICATION_INTENT, NotificationIntent
-from pipeline.router.mapping import RoutingError, route
+from pipeline.router.mapping import MissingRecipientError, RoutingError, route
 from pipeline.router.rules import Rule, RuleError, RuleSet
 from pipeline.router.templates import TemplateRenderError, Templates
 from pipeline.schemas import SchemaSet
@@ -135,6 +135,16 @@ def _render(
     unconditional = RuleSet([dataclasses.replace(rule, when=None)])
     try:
         intents = route(rule.event, example, unconditional, templates, _NOW)
+    except MissingRecipientError as e:
+        problem = f"{e} (for {which})"
+        if not full and rule.recipient is not None:
+            # An optional recipient field: every event without it would be dead-lettered
+            # whole, the rule's other intents with it.
+            problem += (
+                f"; events without it would be dead-lettered: add "
+                f'when = "{rule.recipient} is not none" to the rule'
+            )
+        return problem, None
     except RoutingError as e:
         return f"{e} (for {which})", None
     return None, intents[0] if intents else None

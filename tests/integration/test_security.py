@@ -35,6 +35,7 @@ USER = "herald"
 PASSWORD = f"pw-{uuid.uuid4().hex}"  # in no log, no error message, no stderr
 WRONG = f"wrong-{uuid.uuid4().hex}"  # nor this one
 WAIT = 120.0
+HERALD = [sys.executable, "-m", "pipeline.cli"]
 
 
 @dataclass(frozen=True)
@@ -192,3 +193,60 @@ def test_refused_credentials_stop_a_process_at_start_with_one_line(
     assert "Traceback" not in out.stderr
     assert PASSWORD not in out.stderr + out.stdout
     assert WRONG not in out.stderr + out.stdout
+
+
+def test_the_api_tail_and_replay_work_over_sasl_ssl(
+    secure_kafka: SecureKafka, tmp_path: Path
+) -> None:
+    import json
+    import time
+    import urllib.request
+
+    from devtools.procs import free_port
+
+    port = free_port()
+    settings = secure_kafka.settings(tmp_path, api_port=port)
+    ensure_topics(settings)
+    env = herald_env(settings, HERALD_LOG_LEVEL="WARNING")
+    api = HeraldProcess("api", ["run", "api"], env, tmp_path).start()
+    try:
+        uid = f"u-{uuid.uuid4().hex[:8]}"
+        body = json.dumps({"user_id": uid, "email": f"{uid}@example.com", "display_name": "Al"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/events/user-registered", data=body.encode()
+        )
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert api.alive(), api.tail()
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                    assert response.status == 202
+                    event_id = json.loads(response.read())["event_id"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, api.tail()
+                time.sleep(0.5)
+    finally:
+        api.stop()
+    _no_secret_in(api.log)
+
+    topic = Topics(settings.topic_prefix).events("user")
+    tail = subprocess.run(
+        [*HERALD, "tail", topic, "--from-beginning", "--max", "1", "--idle-timeout", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert tail.returncode == 0, tail.stderr
+    assert json.loads(tail.stdout.splitlines()[0])["value"]["envelope"]["event_id"] == event_id
+
+    replay = subprocess.run(
+        [*HERALD, "replay", topic, "--dry-run", "--no-ledger"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout.startswith("would write: read=1 written=1"), replay.stdout
