@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -169,6 +170,7 @@ def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from pipeline.kafka.admin import connect_admin
     from pipeline.publisher import OversizedRecordError, Publisher, PublishError
     from pipeline.schemas import SchemaError
     from pipeline.serialization import RecordValidationError
@@ -183,7 +185,10 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
         return 2
     try:
         publisher = Publisher(settings, producer_name=args.producer)
-        event = publisher.publish_sync(args.event_type, data)
+        event, record = publisher.prepare(args.event_type, data)  # invalid input: no Kafka
+        connect_admin(settings)
+        partition, offset = publisher.write_sync(record)
+        event = dataclasses.replace(event, partition=partition, offset=offset)
     except (SchemaError, RecordValidationError, OversizedRecordError) as e:
         print(f"herald publish: {e}", file=sys.stderr)
         return 2
