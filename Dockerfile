@@ -1,4 +1,5 @@
-# Herald's image: the `herald` command, with the schemas and config it reads at run time.
+# Herald's image: the `herald` command with every channel's connector; the schemas, default
+# rules and templates are inside the package (pipeline/_data).
 #
 #   docker build -t herald:local .
 #   docker run --rm -e KAFKA_BOOTSTRAP_SERVERS=broker:9092 herald:local topics ensure
@@ -12,29 +13,27 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies first, in a layer of their own that is rebuilt only when pyproject.toml changes:
-# the core, the `grpc` extra (`herald run api` serves gRPC too) and the `otel` extra (spans
-# when OTEL_EXPORTER_OTLP_ENDPOINT is set).
+# the core, every channel's extra, the `grpc` extra (`herald run api` serves gRPC too) and the
+# `otel` extra (spans when OTEL_EXPORTER_OTLP_ENDPOINT is set).
 COPY pyproject.toml /tmp/herald/
-RUN python -c "import tomllib; p = tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']; o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + o['grpc'] + o['otel']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/herald/pyproject.toml', 'rb'))['project']; x = p['optional-dependencies']; print('\n'.join(p['dependencies'] + [r for e in ('sms', 'fcm', 'apns', 'webpush', 'grpc', 'otel') for r in x[e]]))" \
         > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The project itself, installed (not editable) into site-packages; the source is not kept.
+# The project itself, installed (not editable) into site-packages with the channel extras;
+# the source is not kept. setup.py copies schemas/ and config/ into the package.
+COPY setup.py MANIFEST.in README.md /tmp/herald/
 COPY pipeline/ /tmp/herald/pipeline/
 COPY connectors/ /tmp/herald/connectors/
-RUN pip install --no-deps /tmp/herald && rm -rf /tmp/herald
+COPY schemas/ /tmp/herald/schemas/
+COPY config/ /tmp/herald/config/
+RUN pip install '/tmp/herald[channels]' && rm -rf /tmp/herald
 
-# What Herald reads and writes at run time. Its defaults are relative to the source checkout,
-# which an installed package does not have, so the settings point into /app instead.
+# Herald keeps local state (router data, a SQLite ledger) in .herald/ of the working
+# directory. Rules, templates and schemas of your own: `herald init /app/config`, mount
+# the directory, and set HERALD_RULES_FILE, HERALD_TEMPLATES_DIR and HERALD_SCHEMAS_DIR.
 WORKDIR /app
-COPY schemas/ /app/schemas/
-COPY config/ /app/config/
-ENV HERALD_SCHEMAS_DIR=/app/schemas \
-    HERALD_RULES_FILE=/app/config/rules.toml \
-    HERALD_TEMPLATES_DIR=/app/config/templates \
-    HERALD_ROUTER_DATA_DIR=/app/.herald/router \
-    HERALD_LEDGER_URL=sqlite:////app/.herald/ledger.db
 
 # Run as an unprivileged user; only /app/.herald (router data, sink ledger) is writable.
 RUN groupadd --system --gid 10001 herald \

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 KAFKA_LIB := .herald/kafka/lib
 APICURIO := .herald/apicurio
 
-.PHONY: demo test lint install kafka-jars registry-jars kafka-up kafka-down postgres proto chaos bench clean
+.PHONY: demo test lint install kafka-jars registry-jars kafka-up kafka-down postgres proto compose-cli chaos bench clean
 
 $(BIN)/herald: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,9 +59,21 @@ proto: install
 postgres:
 	bash scripts/ensure-postgres.sh
 
+# The Docker Compose CLI, built from its Go module, for `docker compose config` in
+# tests/test_compose.py on machines without Docker. Several minutes on two cores the first
+# time (the Go module cache makes later builds quick).
+COMPOSE_VERSION ?= v5.6.0
+compose-cli: .herald/bin/docker-compose
+.herald/bin/docker-compose:
+	rm -rf .herald/compose-build && mkdir -p .herald/compose-build .herald/bin
+	cd .herald/compose-build && go mod init herald-compose-cli \
+	    && go get github.com/docker/compose/v5/cmd@$(COMPOSE_VERSION) \
+	    && go build -o $(abspath .herald/bin/docker-compose) github.com/docker/compose/v5/cmd
+	rm -rf .herald/compose-build
+
 # The test session starts its own broker (or uses KAFKA_BOOTSTRAP_SERVERS), SMTP servers and
-# an Apicurio Registry.
-test: install kafka-jars registry-jars postgres lint
+# an Apicurio Registry; the compose files are checked with the Compose CLI built above.
+test: install kafka-jars registry-jars postgres compose-cli lint
 	$(BIN)/pytest
 
 # Fault injection (not part of `make test`; a short version of it is):

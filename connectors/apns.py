@@ -42,7 +42,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import httpx
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -51,6 +50,7 @@ from connectors.http import parse_retry_after
 from pipeline.records import NotificationIntent
 
 if TYPE_CHECKING:
+    import httpx
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
 __all__ = ["ApnsConnector", "ApnsSettings", "build_payload"]
@@ -142,11 +142,14 @@ class ApnsConnector(Connector):
     def __init__(self, config: ApnsSettings) -> None:
         """Checks the settings and the key: ValueError for a configuration that cannot send
         anything, RuntimeError when h2, PyJWT or cryptography is missing."""
+        # The extra's packages are imported here, not with the module: the registry imports
+        # every installed connector, and a core install has no apns extra.
         try:
             import h2  # noqa: F401 - httpx's HTTP/2 needs it
+            import httpx  # noqa: F401
             import jwt  # noqa: F401
         except ImportError as e:
-            raise RuntimeError(f"the apns connector needs h2 and PyJWT: {_INSTALL}") from e
+            raise RuntimeError(f"the apns connector needs httpx, h2 and PyJWT: {_INSTALL}") from e
         for name in ("team_id", "key_id", "topic"):
             if not getattr(config, name):
                 raise ValueError(f"HERALD_APNS_{name.upper()} is not set")
@@ -160,6 +163,8 @@ class ApnsConnector(Connector):
         self._token: _ProviderToken | None = None
 
     def _http(self) -> httpx.AsyncClient:
+        import httpx
+
         if self._client is None:
             c = self.config
             self._client = httpx.AsyncClient(
@@ -215,6 +220,8 @@ class ApnsConnector(Connector):
         if _is_uuid(intent.idempotency_key):
             headers["apns-id"] = intent.idempotency_key
         url = f"{self._base}/3/device/{device}"
+        import httpx
+
         rejected: str | None = None
         for _ in range(2):
             token = self.provider_token(rejected)

@@ -36,7 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import aiosmtplib
-from pydantic import SecretStr
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
@@ -191,6 +191,18 @@ class EmailSettings(BaseSettings):
     email_from: str = "Herald <notifications@herald.localhost>"
     # Message-ID is <idempotency key@this domain>.
     message_id_domain: str = "herald.localhost"
+
+    @field_validator("email_from")
+    @classmethod
+    def _sender_address(cls, value: str) -> str:
+        """Checked when the sink starts, not on the first message it sends."""
+        _check_header(value, "the sender")
+        _name, addr = parseaddr(value)
+        if not addr or not _ADDRESS.fullmatch(addr) or ".." in addr or len(addr) > 254:
+            raise ValueError(
+                "not a sender address: give 'name@example.com' or 'Name <name@example.com>'"
+            )
+        return value
 
 
 class EmailConnector(Connector):

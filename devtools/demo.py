@@ -144,11 +144,7 @@ def _report_dlq(settings: HeraldSettings, topic: str) -> None:
     from pipeline import headers as h
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": "herald-demo-dlq",
-            "auto.offset.reset": "earliest",
-        }
+        settings.client_config(**{"group.id": "herald-demo-dlq", "auto.offset.reset": "earliest"})
     )
     consumer.subscribe([topic])
     deadline = time.monotonic() + 15

@@ -7,31 +7,54 @@ herald publish EVENT_TYPE --data JSON       validate and publish one domain even
 herald run router | sink CHANNEL... | all   the pipeline's processes (with /metrics, /healthz,
                                             /readyz on HERALD_OBSERVE_PORT)
 herald run api                              the HTTP API and the gRPC API
+herald rules check                          rules, templates and schemas, checked together
+herald health                               Kafka and the registry answer (healthchecks)
+herald init DIR                             an editable copy of rules, templates and schemas
 herald tail TOPIC                           decoded records as JSON lines
 herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
 herald connectors list                      installed channels and their settings
 herald demo                                 the end-to-end sample flow
+
+Configuration that cannot work stops a command at start with one line on stderr naming the
+variable to fix, and exit status 78 (EX_CONFIG): an invalid or inconsistent setting, rules
+that do not fit the schemas, channels or templates, credentials or certificates Kafka refuses.
+A cluster that does not answer is exit status 69 (EX_UNAVAILABLE). HERALD_* variables that no
+setting reads are reported as a warning with the nearest valid name.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.settings import HeraldSettings, project_root
+from pydantic import ValidationError
 
-__all__ = ["main"]
+from pipeline.settings import HeraldSettings, data_root, project_root
+
+__all__ = ["EXIT_CONFIG", "EXIT_UNAVAILABLE", "main"]
 
 log = logging.getLogger("herald")
+
+EXIT_CONFIG = 78  # sysexits.h EX_CONFIG: the configuration cannot work
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: the cluster did not answer
+
+# Options through which each console tool takes a client configuration file.
+_CONFIG_OPTIONS = ("--command-config", "--consumer.config", "--producer.config")
 
 
 def _local_kafka(settings: HeraldSettings) -> object:
@@ -62,8 +85,12 @@ def cmd_kafka(args: argparse.Namespace, settings: HeraldSettings) -> int:
                     f"Kafka {kafka.version()} ready on {kafka.bootstrap_servers} in {seconds:.1f}s "
                     f"(pid {kafka.pid()}, log {kafka.log_file})"
                 )
+            # The local broker's own PLAINTEXT listener, whatever the security settings say.
             settings = settings.model_copy(
-                update={"kafka_bootstrap_servers": kafka.bootstrap_servers}
+                update={
+                    "kafka_bootstrap_servers": kafka.bootstrap_servers,
+                    "kafka_security_protocol": "PLAINTEXT",
+                }
             )
             from pipeline.kafka.admin import ensure_topics
 
@@ -82,17 +109,59 @@ def cmd_kafka(args: argparse.Namespace, settings: HeraldSettings) -> int:
             state = "ready" if kafka.is_ready() else "starting"
             print(f"Kafka {kafka.version()} {state} on {kafka.bootstrap_servers} (pid {pid})")
             return 0
-        # A console tool: pass the arguments through; add --bootstrap-server unless given.
+        # A console tool: pass the arguments through; add --bootstrap-server unless given,
+        # and Herald's security settings as a client configuration file unless one is.
         extra = list(args.args)
         if extra and extra[0] == "--":
             extra = extra[1:]
         if not any(a.startswith("--bootstrap-server") for a in extra):
             extra = ["--bootstrap-server", settings.kafka_bootstrap_servers, *extra]
-        argv = kafka.tool_command(args.action, extra)
+        secure = settings.kafka_security_protocol != "PLAINTEXT" and not any(
+            a.split("=", 1)[0] in _CONFIG_OPTIONS for a in extra
+        )
+        if not secure:
+            argv = kafka.tool_command(args.action, extra)
+            os.execvp(argv[0], argv)  # noqa: S606 - replaces this process with the Java tool
+        with _client_properties(settings) as properties:
+            from pipeline.kafka.security import java_options
+
+            argv = kafka.tool_command(
+                args.action,
+                [*extra, "--command-config", str(properties)],
+                jvm_options=java_options(settings),
+            )
+            return _run_tool(argv)
     except (KafkaNotProvisionedError, KafkaStartError, ValueError) as e:
         print(f"herald kafka: {e}", file=sys.stderr)
         return 1
-    os.execvp(argv[0], argv)  # noqa: S606 - replaces this process with the Java tool
+
+
+@contextlib.contextmanager
+def _client_properties(settings: HeraldSettings) -> Iterator[Path]:
+    """The security settings as a client.properties only this user can read, removed when
+    the tool exits (it holds the password)."""
+    from pipeline.kafka.security import client_properties
+
+    directory = Path(tempfile.mkdtemp(prefix="herald-kafka-"))  # mode 0700
+    path = directory / "client.properties"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(client_properties(settings))
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _run_tool(argv: list[str]) -> int:
+    """Run a console tool in the foreground and return its exit status. Ctrl-C reaches
+    the tool (same process group), which stops as it would alone; this process waits."""
+    proc = subprocess.Popen(argv)  # noqa: S603 - our classpath, the user's arguments
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
@@ -104,6 +173,7 @@ def cmd_topics(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from pipeline.kafka.admin import connect_admin
     from pipeline.publisher import OversizedRecordError, Publisher, PublishError
     from pipeline.schemas import SchemaError
     from pipeline.serialization import RecordValidationError
@@ -118,7 +188,10 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
         return 2
     try:
         publisher = Publisher(settings, producer_name=args.producer)
-        event = publisher.publish_sync(args.event_type, data)
+        event, record = publisher.prepare(args.event_type, data)  # invalid input: no Kafka
+        connect_admin(settings)
+        partition, offset = publisher.write_sync(record)
+        event = dataclasses.replace(event, partition=partition, offset=offset)
     except (SchemaError, RecordValidationError, OversizedRecordError) as e:
         print(f"herald publish: {e}", file=sys.stderr)
         return 2
@@ -132,11 +205,35 @@ def cmd_publish(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+class ConnectorConfigError(ValueError):
+    """A connector cannot be built from its settings."""
+
+
+def _check_connectors(channels: list[str]) -> None:
+    """Build each channel's connector once, before anything connects, so that invalid or
+    missing settings (a bad HERALD_SMTP_PORT, an empty HERALD_SMS_AUTH_TOKEN) or a missing
+    extra stop the process now, not when the first intent arrives."""
+    from connectors.registry import connector_class
+
+    for channel in channels:
+        cls = connector_class(channel)
+        try:
+            connector = cls.from_env()
+        except ValidationError:
+            raise
+        except (ValueError, RuntimeError) as e:
+            raise ConnectorConfigError(f"the {channel} connector cannot start: {e}") from None
+        asyncio.run(connector.aclose())
+
+
 def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    if args.component in ("sink", "all"):
+        _check_connectors(args.channels or ["email"])
     if args.component == "api":
         from aiohttp import web
 
         from pipeline.api import create_api
+        from pipeline.kafka.admin import connect_admin
 
         grpc = settings.grpc_port != 0
         if grpc:
@@ -145,6 +242,7 @@ def cmd_run(args: argparse.Namespace, settings: HeraldSettings) -> int:
             except ImportError as e:
                 print(f"herald run api: {e}", file=sys.stderr)
                 return 2
+        connect_admin(settings)
         api = create_api(settings, grpc=grpc)
         web.run_app(api, host=settings.api_host, port=settings.api_port)
         return 0
@@ -215,16 +313,19 @@ def cmd_tail(args: argparse.Namespace, settings: HeraldSettings) -> int:
     from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
     from pipeline.inspect import message_to_json
+    from pipeline.kafka.admin import connect_admin
     from pipeline.serialization import serde_from_settings
 
     serde = serde_from_settings(settings)
+    connect_admin(settings)
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": f"herald-tail-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
+        settings.client_config(
+            **{
+                "group.id": f"herald-tail-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
     )
     md = consumer.list_topics(args.topic, timeout=10).topics.get(args.topic)
     if md is None or md.error is not None:
@@ -285,6 +386,9 @@ def cmd_replay(args: argparse.Namespace, settings: HeraldSettings) -> int:
             checkpoint=Path(args.checkpoint) if args.checkpoint else None,
             resume=args.resume,
         )
+        from pipeline.kafka.admin import connect_admin
+
+        connect_admin(settings)
         ledger = None
         if not args.no_ledger:
             try:
@@ -445,6 +549,32 @@ def _dlq_redrive(
     return 0
 
 
+def cmd_health(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    """What a process of this deployment needs, reached with its settings: Kafka (with its
+    security settings) and, when one is configured, the schema registry. For container
+    healthchecks: exit status 0 when all answer."""
+    import urllib.parse
+    import urllib.request
+
+    from pipeline.kafka.admin import connect_admin
+
+    admin = connect_admin(settings, timeout=args.timeout)
+    brokers = len(admin.list_topics(timeout=args.timeout).brokers)
+    print(f"ok: kafka {settings.kafka_bootstrap_servers} ({brokers} brokers)")
+    if settings.schema_registry_url:
+        url = settings.schema_registry_url.rstrip("/") + "/subjects"
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
+                response.read()
+        except OSError as e:
+            # The URL may carry user info: name the host only.
+            host = urllib.parse.urlsplit(url).hostname
+            print(f"herald health: schema registry at {host}: {type(e).__name__}", file=sys.stderr)
+            return 1
+        print(f"ok: schema registry at {urllib.parse.urlsplit(url).hostname}")
+    return 0
+
+
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     import textwrap
 
@@ -456,6 +586,64 @@ def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
         if keys:
             wrapped = textwrap.wrap(f"settings: {keys}", 88)
             print("\n".join(f"{'':11}{line}" for line in wrapped))
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from connectors.registry import installed_channels
+    from pipeline.router.check import check_rules
+    from pipeline.router.rules import load_rules
+    from pipeline.router.templates import Templates
+    from pipeline.schemas import load_schemas
+
+    report = check_rules(
+        load_rules(settings.rules_file),
+        Templates(settings.templates_dir),
+        load_schemas(settings.schemas_dir.resolve()),
+        installed_channels(),
+    )
+    for intent in report.rendered:
+        subject = f" subject={intent.subject!r}" if intent.subject else ""
+        route = f"{intent.event_type} -> {intent.channel} {intent.recipient}"
+        print(f"ok  {intent.rule}: {route}{subject}")
+    for problem in report.problems:
+        print(f"error  {problem}", file=sys.stderr)
+    status = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
+    print(
+        f"{report.rules} rules, {report.templates} templates "
+        f"({settings.rules_file}, {settings.templates_dir}, {settings.schemas_dir}): {status}"
+    )
+    return 0 if not report.problems else 1
+
+
+def cmd_init(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    """Copy the default rules, templates and schemas into DIR, for a project to edit."""
+    target = Path(args.directory).resolve()
+    source = data_root()
+    parts = {
+        "rules.toml": source / "config" / "rules.toml",
+        "templates": source / "config" / "templates",
+        "schemas": source / "schemas",
+    }
+    existing = [name for name in parts if (target / name).exists()]
+    if existing:
+        print(
+            f"herald init: {target} already has {', '.join(existing)}; "
+            "choose an empty or new directory",
+            file=sys.stderr,
+        )
+        return 1
+    target.mkdir(parents=True, exist_ok=True)
+    for name, path in parts.items():
+        if path.is_dir():
+            shutil.copytree(path, target / name)
+        else:
+            shutil.copy2(path, target / name)
+    print(f"wrote {target}/rules.toml, {target}/templates/, {target}/schemas/")
+    print("point Herald at them with:")
+    print(f"export HERALD_RULES_FILE={target / 'rules.toml'}")
+    print(f"export HERALD_TEMPLATES_DIR={target / 'templates'}")
+    print(f"export HERALD_SCHEMAS_DIR={target / 'schemas'}")
     return 0
 
 
@@ -572,6 +760,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.set_defaults(func=cmd_replay)
 
+    he = sub.add_parser("health", help="check that Kafka (and the registry) answer")
+    he.add_argument("--timeout", type=float, default=10.0, help="seconds per check")
+    he.set_defaults(func=cmd_health)
+
+    ru = sub.add_parser("rules", help="check rules, templates and schemas together")
+    ru.add_argument("action", choices=["check"])
+    ru.set_defaults(func=cmd_rules)
+
+    ini = sub.add_parser("init", help="write an editable copy of rules, templates and schemas")
+    ini.add_argument("directory")
+    ini.set_defaults(func=cmd_init)
+
     c = sub.add_parser("connectors", help="installed channels")
     c.add_argument("action", choices=["list"])
     c.set_defaults(func=cmd_connectors)
@@ -581,8 +781,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: str, status: int) -> int:
+    print(f"herald: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from connectors.registry import DuplicateChannelError, UnknownChannelError
     from pipeline import logs, tracing
+    from pipeline.environment import describe_validation_error, unknown_variables
+    from pipeline.kafka.admin import KafkaAccessError, KafkaUnreachableError
+    from pipeline.router.rules import RuleError
+    from pipeline.router.templates import TemplateRenderError
+    from pipeline.schemas import SchemaError
 
     args = build_parser().parse_args(argv)
     try:
@@ -590,15 +801,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"herald: {e}", file=sys.stderr)
         return 2
-    settings = HeraldSettings()
-    if args.command in ("run", "publish") and tracing.wanted(settings.otel_enabled):
-        name = f"herald-{args.component}" if args.command == "run" else "herald-publish"
-        try:
-            tracing.configure(name)
-        except ImportError as e:
-            print(f"herald: {e} (or unset HERALD_OTEL_ENABLED)", file=sys.stderr)
-            return 2
-    return int(args.func(args, settings))
+    try:
+        unknown = unknown_variables(os.environ)
+    except (DuplicateChannelError, ImportError) as e:
+        # An installed connector package that cannot be loaded.
+        return _fail(f"loading the installed connectors: {type(e).__name__}: {e}", EXIT_CONFIG)
+    for name, nearest in unknown:
+        hint = f"; did you mean {nearest}?" if nearest else ""
+        print(f"herald: warning: {name} is not a Herald setting{hint}", file=sys.stderr)
+    try:
+        settings = HeraldSettings()
+        if args.command in ("run", "publish") and tracing.wanted(settings.otel_enabled):
+            name = f"herald-{args.component}" if args.command == "run" else "herald-publish"
+            try:
+                tracing.configure(name)
+            except ImportError as e:
+                print(f"herald: {e} (or unset HERALD_OTEL_ENABLED)", file=sys.stderr)
+                return 2
+        return int(args.func(args, settings))
+    except ValidationError as e:
+        return _fail(f"invalid setting: {describe_validation_error(e)}", EXIT_CONFIG)
+    except KafkaUnreachableError as e:
+        return _fail(str(e), EXIT_UNAVAILABLE)
+    except (
+        KafkaAccessError,
+        RuleError,
+        TemplateRenderError,
+        SchemaError,
+        ConnectorConfigError,
+    ) as e:
+        return _fail(str(e), EXIT_CONFIG)
+    except UnknownChannelError as e:
+        return _fail(str(e.args[0]), EXIT_CONFIG)
 
 
 if __name__ == "__main__":

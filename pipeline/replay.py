@@ -137,12 +137,13 @@ def replay(
 ) -> ReplayStats:
     """Run one replay to the end of its range; returns what it did."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap_servers,
-            "group.id": f"herald-replay-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
+        settings.client_config(
+            **{
+                "group.id": f"herald-replay-{uuid.uuid4()}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
     )
     producer = None if options.dry_run else Producer(settings.producer_config())
     stats = ReplayStats()

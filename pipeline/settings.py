@@ -3,6 +3,12 @@
 Setting names are the same on every path (local broker, docker-compose, an existing cluster):
 ``KAFKA_BOOTSTRAP_SERVERS`` and ``SCHEMA_REGISTRY_URL`` follow the ecosystem's names, every
 other setting is ``HERALD_*``.
+
+Where the defaults point: in a source checkout, at its ``schemas/`` and ``config/`` and at
+``.herald/`` for state; in an installed package, at the copies of ``schemas/`` and
+``config/`` packaged as ``pipeline/_data`` and at ``.herald/`` in the working directory.
+Every one of them is a setting, so a deployment points them at its own files
+(``herald init DIR`` writes an editable copy).
 """
 
 from __future__ import annotations
@@ -11,19 +17,53 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["HeraldSettings", "project_root"]
+__all__ = [
+    "ENV_PREFIX",
+    "HeraldSettings",
+    "KafkaSecurityProtocol",
+    "SaslMechanism",
+    "data_root",
+    "in_checkout",
+    "project_root",
+    "state_dir",
+]
+
+ENV_PREFIX = "HERALD_"
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
 
 
 def project_root() -> Path:
-    """The source checkout (where schemas/ and config/ live)."""
+    """The source checkout (where schemas/ and config/ live), when running from one."""
     return Path(__file__).resolve().parent.parent
 
 
+def in_checkout() -> bool:
+    """True when this code runs from a source checkout rather than an installed package."""
+    root = project_root()
+    return (root / "pyproject.toml").is_file() and (root / "schemas").is_dir()
+
+
+def data_root() -> Path:
+    """Where the default schemas/ and config/ are: the checkout, or the packaged copies."""
+    return project_root() if in_checkout() else Path(__file__).resolve().parent / "_data"
+
+
+def state_dir() -> Path:
+    """Where Herald keeps local state by default (router data, SQLite ledger, the local
+    broker): the checkout's .herald/, or .herald/ in the working directory."""
+    return (project_root() if in_checkout() else Path.cwd()) / ".herald"
+
+
 class HeraldSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HERALD_", extra="ignore", populate_by_name=True)
+    # An empty variable counts as unset (compose's ${NAME:-} placeholders give empty ones).
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     # Kafka
     kafka_bootstrap_servers: str = Field(
@@ -34,6 +74,26 @@ class HeraldSettings(BaseSettings):
     topic_partitions: int = 3
     topic_replication_factor: int = 1
     client_id: str = "herald"
+
+    # Kafka security: one group for every client Herald makes (librdkafka producers,
+    # consumers and admin clients through the *_config methods below; the Faust router and
+    # Kafka's console tools through pipeline/kafka/security.py).
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism | None = None
+    # PLAIN and SCRAM-SHA-256/512.
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # OAUTHBEARER: tokens from an OAuth 2 token endpoint (client credentials grant, OIDC).
+    kafka_oauth_token_url: str | None = None
+    kafka_oauth_client_id: str | None = None
+    kafka_oauth_client_secret: SecretStr | None = None
+    kafka_oauth_scope: str | None = None
+    # TLS (SSL and SASL_SSL): a CA bundle for a private CA (else the system's), and a client
+    # certificate and key for mutual TLS. PEM files.
+    kafka_ssl_ca_file: Path | None = None
+    kafka_ssl_cert_file: Path | None = None
+    kafka_ssl_key_file: Path | None = None
+    kafka_ssl_key_password: SecretStr | None = None
 
     # Serialization: no registry URL means Avro single-object encoding against schemas/.
     schema_registry_url: str | None = Field(
@@ -49,12 +109,12 @@ class HeraldSettings(BaseSettings):
     schema_registry_bearer_identity_pool: str | None = None
     # A PEM file of the CAs that sign an https registry's certificate; unset = the system's.
     schema_registry_ca_file: Path | None = None
-    schemas_dir: Path = project_root() / "schemas"
+    schemas_dir: Path = Field(default_factory=lambda: data_root() / "schemas")
     max_record_bytes: int = 1_000_000
 
     # Router
-    rules_file: Path = project_root() / "config" / "rules.toml"
-    templates_dir: Path = project_root() / "config" / "templates"
+    rules_file: Path = Field(default_factory=lambda: data_root() / "config" / "rules.toml")
+    templates_dir: Path = Field(default_factory=lambda: data_root() / "config" / "templates")
     router_app_id: str = "herald-router"  # the router's consumer group
     # exactly_once: each batch's intents and its source offsets commit in one Kafka
     # transaction; at_least_once: intents are acknowledged before the offsets commit.
@@ -64,7 +124,7 @@ class HeraldSettings(BaseSettings):
     # the guarantee says: its transactions carry the offsets but not the sends). Switch
     # with every router of the group stopped: the two use different assignors.
     router_engine: Literal["confluent", "faust"] = "confluent"
-    router_data_dir: Path = project_root() / ".herald" / "router"
+    router_data_dir: Path = Field(default_factory=lambda: state_dir() / "router")
     router_session_timeout_s: float = 10.0
     # While the schema registry cannot answer, the router holds the event and retries after
     # this long, doubling up to the maximum.
@@ -77,7 +137,9 @@ class HeraldSettings(BaseSettings):
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on
     # several hosts sharing a consumer group.
     # A PostgreSQL URL may hold a password, hence SecretStr.
-    ledger_url: SecretStr = SecretStr("sqlite:///" + str(project_root() / ".herald" / "ledger.db"))
+    ledger_url: SecretStr = Field(
+        default_factory=lambda: SecretStr("sqlite:///" + str(state_dir() / "ledger.db"))
+    )
     sink_group_prefix: str = "herald-sink"
     # Per partition: records being sent or waiting for their outcome to be recorded. A crash
     # resends at most this many per partition (with the same idempotency key).
@@ -130,15 +192,100 @@ class HeraldSettings(BaseSettings):
     # HERALD_SMTP_* to EmailSettings.
 
     # Local broker provisioned from Maven Central (herald kafka up)
-    kafka_home: Path = project_root() / ".herald" / "kafka"
+    kafka_home: Path = Field(default_factory=lambda: state_dir() / "kafka")
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
+
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> HeraldSettings:
+        """Refuse a security group that cannot work, at start, naming the variable."""
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        tls = protocol.endswith("SSL")
+        mechanism = self.kafka_sasl_mechanism
+        set_ = _set_names(self)
+        if sasl and mechanism is None:
+            raise ValueError(
+                f"HERALD_KAFKA_SASL_MECHANISM is required with "
+                f"HERALD_KAFKA_SECURITY_PROTOCOL={protocol} "
+                "(PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER)"
+            )
+        if not sasl:
+            stray = [n for n in set_ if n.startswith(("sasl_", "oauth_"))]
+            if stray:
+                raise ValueError(
+                    f"{_env(stray[0])} is set but HERALD_KAFKA_SECURITY_PROTOCOL={protocol} "
+                    "does not use SASL (use SASL_SSL or SASL_PLAINTEXT)"
+                )
+        if not tls:
+            stray = [n for n in set_ if n.startswith("ssl_")]
+            if stray:
+                raise ValueError(
+                    f"{_env(stray[0])} is set but HERALD_KAFKA_SECURITY_PROTOCOL={protocol} "
+                    "does not use TLS (use SSL or SASL_SSL)"
+                )
+        if mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            for name in ("sasl_username", "sasl_password"):
+                if name not in set_:
+                    raise ValueError(f"{_env(name)} is required with SASL mechanism {mechanism}")
+        if mechanism == "OAUTHBEARER":
+            for name in ("oauth_token_url", "oauth_client_id", "oauth_client_secret"):
+                if name not in set_:
+                    raise ValueError(f"{_env(name)} is required with SASL mechanism OAUTHBEARER")
+        if ("ssl_cert_file" in set_) != ("ssl_key_file" in set_):
+            raise ValueError(
+                "HERALD_KAFKA_SSL_CERT_FILE and HERALD_KAFKA_SSL_KEY_FILE go together "
+                "(a client certificate and its key)"
+            )
+        for name in ("ssl_ca_file", "ssl_cert_file", "ssl_key_file"):
+            path = getattr(self, f"kafka_{name}")
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{_env(name)}: no such file {path}")
+        return self
+
+    def kafka_security_config(self) -> dict[str, Any]:
+        """The librdkafka settings of the security group. Holds secrets: never log it."""
+        conf: dict[str, Any] = {"security.protocol": self.kafka_security_protocol}
+        mechanism = self.kafka_sasl_mechanism
+        if self.kafka_security_protocol.startswith("SASL_") and mechanism is not None:
+            conf["sasl.mechanism"] = mechanism
+            if mechanism == "OAUTHBEARER":
+                # librdkafka fetches and refreshes tokens itself (client credentials grant).
+                conf["sasl.oauthbearer.method"] = "oidc"
+                conf["sasl.oauthbearer.token.endpoint.url"] = self.kafka_oauth_token_url
+                conf["sasl.oauthbearer.client.id"] = self.kafka_oauth_client_id
+                conf["sasl.oauthbearer.client.secret"] = _secret(self.kafka_oauth_client_secret)
+                if self.kafka_oauth_scope:
+                    conf["sasl.oauthbearer.scope"] = self.kafka_oauth_scope
+            else:
+                conf["sasl.username"] = self.kafka_sasl_username
+                conf["sasl.password"] = _secret(self.kafka_sasl_password)
+        if self.kafka_security_protocol.endswith("SSL"):
+            if self.kafka_ssl_ca_file is not None:
+                conf["ssl.ca.location"] = str(self.kafka_ssl_ca_file)
+            if self.kafka_ssl_cert_file is not None:
+                conf["ssl.certificate.location"] = str(self.kafka_ssl_cert_file)
+            if self.kafka_ssl_key_file is not None:
+                conf["ssl.key.location"] = str(self.kafka_ssl_key_file)
+            if self.kafka_ssl_key_password is not None:
+                conf["ssl.key.password"] = _secret(self.kafka_ssl_key_password)
+        return conf
+
+    def client_config(self, **extra: Any) -> dict[str, Any]:
+        """librdkafka settings every Herald client starts from: the cluster, the client id
+        and the security group; ``extra`` adds or overrides."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id,
+            **self.kafka_security_config(),
+        }
+        conf.update(extra)
+        return conf
 
     def producer_config(self, **extra: Any) -> dict[str, Any]:
         """librdkafka settings for an idempotent producer."""
         conf: dict[str, Any] = {
-            "bootstrap.servers": self.kafka_bootstrap_servers,
-            "client.id": self.client_id,
+            **self.client_config(),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
@@ -150,8 +297,7 @@ class HeraldSettings(BaseSettings):
     def consumer_config(self, group_id: str, **extra: Any) -> dict[str, Any]:
         """librdkafka settings for a sink consumer: manual commits, committed reads only."""
         conf: dict[str, Any] = {
-            "bootstrap.servers": self.kafka_bootstrap_servers,
-            "client.id": self.client_id,
+            **self.client_config(),
             "group.id": group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -209,8 +355,7 @@ class HeraldSettings(BaseSettings):
         """librdkafka settings for the router's consumer: no automatic commits (offsets
         go with the transaction, or after the outputs are acknowledged), committed reads."""
         conf: dict[str, Any] = {
-            "bootstrap.servers": self.kafka_bootstrap_servers,
-            "client.id": self.client_id,
+            **self.client_config(),
             "group.id": self.router_app_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -223,8 +368,8 @@ class HeraldSettings(BaseSettings):
         conf.update(extra)
         return conf
 
-    def admin_config(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.kafka_bootstrap_servers, "client.id": self.client_id}
+    def admin_config(self, **extra: Any) -> dict[str, Any]:
+        return self.client_config(**extra)
 
 
 def _without_user_info(urls: str) -> tuple[str, str | None]:
@@ -242,3 +387,23 @@ def _without_user_info(urls: str) -> tuple[str, str | None]:
     if len(found) > 1:
         raise ValueError("SCHEMA_REGISTRY_URL holds different credentials for its URLs")
     return ",".join(out), next(iter(found), None)
+
+
+def _env(name: str) -> str:
+    """The variable of a security setting named without its kafka_ prefix."""
+    return f"{ENV_PREFIX}KAFKA_{name.upper()}"
+
+
+def _set_names(settings: HeraldSettings) -> list[str]:
+    """Security settings that hold a value, without their kafka_ prefix."""
+    names = []
+    for field in type(settings).model_fields:
+        if field.startswith(("kafka_sasl_", "kafka_oauth_", "kafka_ssl_")):
+            value = getattr(settings, field)
+            if value is not None and value != "":
+                names.append(field.removeprefix("kafka_"))
+    return names
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None

@@ -1,8 +1,17 @@
-"""Topic administration: Herald creates its topics with their intended settings."""
+"""Reaching the cluster, and topic administration: Herald creates its topics with their
+intended settings.
+
+Every process that talks to Kafka reaches it first through ``connect_admin`` (the router and
+the sinks by way of ``ensure_topics``, the API, tail and replay directly), so a wrong
+password, an untrusted certificate or an unreachable cluster stops it at start with one
+line that names the setting to fix, instead of clients retrying in the background.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
+import time
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -11,9 +20,101 @@ from confluent_kafka.cimpl import NewTopic
 from pipeline.settings import HeraldSettings
 from pipeline.topics import Topics
 
-__all__ = ["ensure_topics", "herald_topics"]
+__all__ = [
+    "KafkaAccessError",
+    "KafkaAuthenticationError",
+    "KafkaTlsError",
+    "KafkaUnreachableError",
+    "connect_admin",
+    "ensure_topics",
+    "herald_topics",
+]
 
 log = logging.getLogger(__name__)
+
+
+class KafkaAccessError(RuntimeError):
+    """Herald could not use the cluster with its settings; the message names them."""
+
+
+class KafkaAuthenticationError(KafkaAccessError):
+    """The brokers refused the SASL credentials."""
+
+
+class KafkaTlsError(KafkaAccessError):
+    """The TLS handshake failed (an untrusted certificate, a host name that does not match,
+    or a TLS client talking to a plaintext listener)."""
+
+
+class KafkaUnreachableError(KafkaAccessError):
+    """No broker answered in time."""
+
+
+def _credentials(settings: HeraldSettings) -> str:
+    if settings.kafka_sasl_mechanism == "OAUTHBEARER":
+        return (
+            f"the OAuth client HERALD_KAFKA_OAUTH_CLIENT_ID={settings.kafka_oauth_client_id} "
+            "with HERALD_KAFKA_OAUTH_CLIENT_SECRET (token endpoint "
+            f"HERALD_KAFKA_OAUTH_TOKEN_URL={settings.kafka_oauth_token_url})"
+        )
+    return (
+        f"HERALD_KAFKA_SASL_USERNAME={settings.kafka_sasl_username} with HERALD_KAFKA_SASL_PASSWORD"
+    )
+
+
+def _reason(error: KafkaError) -> str:
+    """librdkafka's message without its broker prefix and timing suffix."""
+    text = error.str()
+    text = re.sub(r"^(?:\w+://)?[\w.\-\[\]:]+/\w+: ", "", text)
+    text = re.sub(r" \(after \d+ms in state [A-Z_]+\)", "", text)
+    return re.sub(r"\s+\(after .*\)$", "", text)
+
+
+def connect_admin(settings: HeraldSettings, timeout: float = 30.0) -> AdminClient:
+    """An admin client that has fetched the cluster's metadata with Herald's settings.
+    Raises KafkaAuthenticationError, KafkaTlsError or KafkaUnreachableError, whose one-line
+    message names the settings to check (never a secret)."""
+    errors: list[KafkaError] = []
+    # librdkafka's own log would print each failed attempt on stderr; its errors reach
+    # error_cb, and this function turns them into one exception.
+    admin = AdminClient(settings.admin_config(error_cb=errors.append, log_level=0))
+    servers = f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers}"
+    deadline = time.monotonic() + timeout
+    last: KafkaError | None = None
+    while True:
+        try:
+            admin.list_topics(timeout=1)
+            return admin
+        except KafkaException as e:
+            last = e.args[0]
+        admin.poll(0)
+        for error in errors:
+            if error.code() == KafkaError._AUTHENTICATION:
+                mech = settings.kafka_sasl_mechanism
+                raise KafkaAuthenticationError(
+                    f"Kafka refused the credentials: {_credentials(settings)} "
+                    f"(SASL {mech} on {settings.kafka_security_protocol}, {servers}): "
+                    f"{_reason(error)}"
+                    if mech
+                    else f"Kafka refused the connection ({servers}, "
+                    f"HERALD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}): "
+                    f"{_reason(error)}"
+                )
+            if error.code() == KafkaError._SSL:
+                raise KafkaTlsError(
+                    f"TLS with Kafka failed ({servers}, HERALD_KAFKA_SECURITY_PROTOCOL="
+                    f"{settings.kafka_security_protocol}, HERALD_KAFKA_SSL_CA_FILE="
+                    f"{settings.kafka_ssl_ca_file or '(system CAs)'}): {_reason(error)}"
+                )
+        if errors:
+            last = errors[-1]
+        errors.clear()
+        if time.monotonic() >= deadline:
+            why = _reason(last) if last is not None else "no answer"
+            raise KafkaUnreachableError(
+                f"no Kafka broker answered within {timeout:.0f}s ({servers}, "
+                f"HERALD_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol}): {why}"
+            )
 
 
 def herald_topics(settings: HeraldSettings) -> list[str]:
@@ -32,7 +133,7 @@ def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> l
     """Create whichever of Herald's topics (or ``names``) do not exist yet.
     Returns the names created. Safe to run from several processes at once."""
     wanted = names if names is not None else herald_topics(settings)
-    admin = AdminClient(settings.admin_config())
+    admin = connect_admin(settings)
     existing = set(admin.list_topics(timeout=15).topics)
     missing = [n for n in wanted if n not in existing]
     if not missing:

@@ -13,6 +13,12 @@ By default the node is a single-node quorum of its own (``--standalone``). The o
 fields make it one node of a static quorum instead (see devtools/cluster.py): its
 ``node_id``, the ``quorum_voters`` of all nodes, a shared ``cluster_id`` and ``lib_dir``, and
 ``properties`` that override or add to the server.properties written here.
+
+A second client listener, SASL_SSL, is added by ``sasl_ssl_port`` with ``tls`` (the broker's
+PEM certificate chain and PKCS#8 key) and ``scram_users`` (name -> password, created as
+SCRAM-SHA-256 and SCRAM-SHA-512 credentials when the storage is formatted). The PLAINTEXT
+listener stays: the controller, the brokers among themselves and the readiness probe use it,
+all on loopback.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["KafkaNotProvisionedError", "KafkaStartError", "LocalKafka", "console_tools"]
+__all__ = [
+    "BrokerTls",
+    "KafkaNotProvisionedError",
+    "KafkaStartError",
+    "LocalKafka",
+    "console_tools",
+]
 
 # Kafka's console tools, by the name `herald kafka NAME` gives them.
 console_tools: dict[str, str] = {
@@ -80,6 +92,18 @@ class KafkaStartError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class BrokerTls:
+    """The broker's TLS identity, PEM files."""
+
+    certificate_chain: Path  # the broker's certificate, then any intermediates
+    private_key: Path  # PKCS#8 ("BEGIN PRIVATE KEY"), unencrypted: Kafka's PEM keystore
+
+
+# Characters StorageTool's --add-scram syntax (name=...,password=...]) cannot carry.
+_SCRAM_UNSAFE = set(',[]="\\ ')
+
+
+@dataclass(frozen=True)
 class LocalKafka:
     home: Path
     port: int = 9092
@@ -96,10 +120,31 @@ class LocalKafka:
     lib_dir: Path | None = None
     # server.properties entries that override or add to the defaults.
     properties: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # A SASL_SSL listener for clients on this port (needs tls and scram_users).
+    sasl_ssl_port: int | None = None
+    tls: BrokerTls | None = None
+    scram_users: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.sasl_ssl_port is not None:
+            if self.tls is None or not self.scram_users:
+                raise ValueError("a SASL_SSL listener needs tls and at least one SCRAM user")
+            for name, password in self.scram_users.items():
+                if _SCRAM_UNSAFE & set(name + password):
+                    raise ValueError(
+                        f"SCRAM user {name!r}: names and passwords for the local broker "
+                        f"cannot hold any of {''.join(sorted(_SCRAM_UNSAFE))!r}"
+                    )
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        if self.sasl_ssl_port is None:
+            raise ValueError("this broker has no SASL_SSL listener")
+        return f"127.0.0.1:{self.sasl_ssl_port}"
 
     @property
     def lib(self) -> Path:
@@ -233,7 +278,9 @@ class LocalKafka:
 
     # -- console tools ---------------------------------------------------------------------
 
-    def tool_command(self, tool: str, args: list[str]) -> list[str]:
+    def tool_command(
+        self, tool: str, args: list[str], jvm_options: list[str] | None = None
+    ) -> list[str]:
         """argv running one of Kafka's console tools from the broker's classpath."""
         try:
             main_class = console_tools[tool]
@@ -250,6 +297,7 @@ class LocalKafka:
             "-Xmx256m",
             "-XX:TieredStopAtLevel=1",
             f"-Dlog4j2.configurationFile={tools_log}",
+            *(jvm_options or []),
             "-cp",
             self.classpath(),
             main_class,
@@ -283,15 +331,23 @@ class LocalKafka:
             if self.quorum_voters is not None
             else {"controller.quorum.bootstrap.servers": c}
         )
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        secure: dict[str, str] = {}
+        if self.sasl_ssl_port is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            secure = self._sasl_ssl_properties()
         props = {
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             **quorum,
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://{c}",
+            "listeners": listeners,
+            "advertised.listeners": listeners,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
+            **secure,
             "log.dirs": str(self._data.resolve()),
             "num.partitions": "3",
             "offsets.topic.replication.factor": "1",
@@ -312,6 +368,24 @@ class LocalKafka:
         (self._config / "server.properties").write_text(text)
         (self._config / "log4j2.properties").write_text(_LOG4J2.format(log=self.log_file.resolve()))
 
+    def _sasl_ssl_properties(self) -> dict[str, str]:
+        """The SASL_SSL listener: SCRAM over TLS with a PEM keystore (key and chain in one
+        file, which Kafka's PEM keystore wants)."""
+        assert self.tls is not None  # noqa: S101 - checked in __post_init__
+        keystore = self._config / "broker-keystore.pem"
+        keystore.write_bytes(
+            self.tls.private_key.read_bytes() + b"\n" + self.tls.certificate_chain.read_bytes()
+        )
+        keystore.chmod(0o600)
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        return {
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512,SCRAM-SHA-256",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(keystore.resolve()),
+        }
+
     def _format(self, classpath: str) -> None:
         base = [
             self.java,
@@ -329,6 +403,10 @@ class LocalKafka:
         # A static quorum (controller.quorum.voters) is formatted with neither --standalone
         # nor --initial-controllers: StorageTool refuses both alongside the voters.
         quorum = ["--standalone"] if self.quorum_voters is None else []
+        scram = []
+        for name, password in self.scram_users.items():
+            for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
+                scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         subprocess.run(  # noqa: S603
             [
                 *base,
@@ -338,6 +416,7 @@ class LocalKafka:
                 "-c",
                 str(self._config / "server.properties"),
                 *quorum,
+                *scram,
             ],
             check=True,
             capture_output=True,

@@ -34,6 +34,7 @@ from mode.supervisors import CrashingSupervisor
 
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
+from pipeline.kafka.security import faust_credentials
 from pipeline.router.handling import HoldingRouter, create_handler, stop_now
 from pipeline.settings import HeraldSettings
 from pipeline.topics import Topics
@@ -48,6 +49,7 @@ def create_app(settings: HeraldSettings) -> faust.App:
     app = faust.App(
         settings.router_app_id,
         broker=[f"kafka://{s.strip()}" for s in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=faust_credentials(settings),
         store="memory://",
         key_serializer="raw",
         value_serializer="raw",

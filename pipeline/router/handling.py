@@ -23,8 +23,9 @@ import time
 from typing import Any, NoReturn
 
 from pipeline import metrics
+from pipeline.router.check import check_rules
 from pipeline.router.handler import Output, RouterHandler
-from pipeline.router.rules import RuleError, load_rules
+from pipeline.router.rules import load_rules
 from pipeline.router.templates import Templates
 from pipeline.serialization import RegistryUnavailableError, serde_from_settings
 from pipeline.settings import HeraldSettings
@@ -44,21 +45,10 @@ def create_handler(settings: HeraldSettings) -> RouterHandler:
 
     rules = load_rules(settings.rules_file)
     serde = serde_from_settings(settings)
-    channels = installed_channels()
-    event_types = {et.name for et in serde.schemas.event_types()}
-    for rule in rules.rules:
-        if rule.channel not in channels:
-            raise RuleError(
-                f"rule {rule.name!r}: unknown channel {rule.channel!r}; "
-                f"installed connectors serve: {', '.join(channels)}"
-            )
-        if rule.event not in event_types:
-            raise RuleError(
-                f"rule {rule.name!r}: unknown event {rule.event!r}; "
-                f"schemas/ declares: {', '.join(sorted(event_types))}"
-            )
     templates = Templates(settings.templates_dir)
-    templates.check({r.template for r in rules.rules})
+    # What `herald rules check` checks: events against the schemas, channels against the
+    # installed connectors, every template compiled and every rule rendered for examples.
+    check_rules(rules, templates, serde.schemas, installed_channels()).raise_for_problems()
     return RouterHandler(
         serde,
         rules,

@@ -56,6 +56,12 @@ class Templates:
             subject = " ".join(subject.split())
         return Rendered(subject=subject, body_text=body_text, body_html=body_html)
 
+    def names(self) -> list[str]:
+        """Every template in the directory: the subdirectories that hold a body.txt."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.directory.glob("*/body.txt"))
+
     def check(self, names: set[str]) -> None:
         """Load every template named by the rules now, so a typo fails at start-up."""
         for name in sorted(names):

@@ -48,7 +48,9 @@ def rules(webhook_base: str, slack_url: str, subscription: str) -> str:
     return "\n".join(
         [
             rule("email", 'recipient = "email"'),
-            rule("sms", 'recipient = "phone"'),
+            # phone is optional: without the condition, herald rules check (and the router's
+            # start) refuses the rule, since events without it would be dead-lettered.
+            rule("sms", 'recipient = "phone"\nwhen = "phone is not none"'),
             rule("webhook", f"to = {json.dumps(webhook_base + '/hooks/{{ user_id }}')}"),
             rule("slack", f"to = {json.dumps(slack_url)}"),
             # Push addresses would come from a device registry; here they are constants.

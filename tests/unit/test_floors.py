@@ -30,6 +30,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.logs",
             "pipeline.tracing",
             "pipeline.observe",
+            "pipeline.environment",
+            "pipeline.examples",
         ),
     ),
     ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),

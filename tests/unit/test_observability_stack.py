@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from prometheus_client import REGISTRY
 
 import pipeline.metrics  # noqa: F401 - registers every herald_* metric
 from pipeline.settings import HeraldSettings, project_root
+from tests.compose_cli import compose_cli
 
 ROOT = project_root()
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "herald.json"
@@ -25,12 +25,9 @@ DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "herald.json"
 
 @pytest.fixture(scope="module")
 def stack() -> dict[str, Any]:
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker CLI to validate the compose files with")
     files = ["-f", "docker-compose.yml", "-f", "docker-compose.observability.yml"]
     out = subprocess.run(
-        [docker, "compose", *files, "config", "--format", "json"],
+        [*compose_cli(), *files, "config", "--format", "json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
