@@ -209,11 +209,32 @@ class TableReader:
             return
         r = _Round(self.clock_ms())
         for topic, partition in sorted(tps):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            low, high = self._watermarks(consumer, TopicPartition(topic, partition))
             # Nothing to read (empty, or every record deleted): complete at once.
             r.ends[(topic, partition)] = int(high) if high > low else 0
         self._rounds.append(r)
         self._check_rounds(consumer)
+
+    def _watermarks(self, consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+        """Low and high watermark; retried while the broker answers with a passing error
+        (a leader not known yet, right after the topic was created or a broker restarted)."""
+        for attempt in range(1, 61):
+            try:
+                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                return int(low), int(high)
+            except KafkaException as e:
+                err = e.args[0]
+                passing = err.retriable() or err.code() in (
+                    KafkaError.NOT_LEADER_FOR_PARTITION,
+                    KafkaError.LEADER_NOT_AVAILABLE,
+                    KafkaError.UNKNOWN_TOPIC_OR_PART,
+                    KafkaError._TIMED_OUT,
+                    KafkaError._TRANSPORT,
+                )
+                if not passing or attempt == 60 or self._stopping.is_set():
+                    raise
+                time.sleep(0.25)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_rounds(self, consumer: Consumer) -> None:
         if not self._rounds:
