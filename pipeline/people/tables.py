@@ -107,6 +107,7 @@ class PeopleTables:
         self._epochs: dict[int, int] = {}  # partition -> its assignment's number
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._waiting = 0  # wait_ready calls in progress
         self._global: set[TP] | None = None  # suppressions partitions, once known
         self._reader: TableReader | None = None
         if settings is not None:
@@ -181,6 +182,12 @@ class PeopleTables:
         if gone and self._reader is not None:
             self._reader.revoke(gone)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether an event is being held in ``wait_ready`` now (a loop stopping meanwhile
+        may drop its batch: it was not routed and is read again)."""
+        return self._waiting > 0
+
     def ready(self, partition: int, timestamp_ms: int | None = None) -> bool:
         """Whether events of ``partition`` may be routed: its tables restored and, with the
         event's timestamp, complete up to it. Raises PeopleTablesError once the reader
@@ -212,13 +219,17 @@ class PeopleTables:
         first. Logs a hold longer than a second."""
         started = time.monotonic()
         warned = False
-        while not self.ready(partition, timestamp_ms):
-            if stopping is not None and stopping():
-                return False
-            if not warned and time.monotonic() - started > 1.0:
-                warned = True
-                log.warning("holding partition %d until the people tables are ready", partition)
-            await asyncio.sleep(poll_s)
+        self._waiting += 1
+        try:
+            while not self.ready(partition, timestamp_ms):
+                if stopping is not None and stopping():
+                    return False
+                if not warned and time.monotonic() - started > 1.0:
+                    warned = True
+                    log.warning("holding partition %d until the people tables are ready", partition)
+                await asyncio.sleep(poll_s)
+        finally:
+            self._waiting -= 1
         if warned:
             log.warning("released partition %d after %.1fs", partition, time.monotonic() - started)
         return True
