@@ -485,16 +485,39 @@ def subscribers_remove(args: argparse.Namespace, service: Any) -> int:
     return 0
 
 
-def prefs_set(args: argparse.Namespace, service: Any) -> int:
-    prefs = service.set_preference(
-        args.user, args.category, args.channel, args.state == "on", "cli"
+def _print_prefs(described: dict[str, Any], as_json: bool) -> None:
+    """The choices, then what they amount to per category and channel (critical ones
+    marked), as a table; or the whole as JSON."""
+    if as_json:
+        _print_json(described)
+        return
+    choices = ", ".join(
+        f"{cat}/{ch}={'on' if on else 'off'}"
+        for cat, chs in sorted(described["choices"].items())
+        for ch, on in sorted(chs.items())
     )
-    _print_json(service.describe_preferences(prefs))
+    when = described["updated_at"] or "never"
+    by = f" by {described['updated_by']}" if described["updated_by"] else ""
+    print(f"{described['user_id']}: chose {choices or 'nothing'} (updated {when}{by})")
+    effective = described["effective"]
+    channels = sorted({ch for chs in effective.values() for ch in chs})
+    width = max(len(c) for c in [*effective, "category"]) + 2
+    print(("category".ljust(width) + "".join(ch.ljust(9) for ch in channels)).rstrip())
+    for category, chs in effective.items():
+        cells = "".join(("on" if chs[ch] else "OFF").ljust(9) for ch in channels)
+        mark = "  (critical)" if category in described["critical"] else ""
+        print(f"{category.ljust(width)}{cells.rstrip()}{mark}")
+
+
+def prefs_set(args: argparse.Namespace, service: Any) -> int:
+    on = args.state == "on"
+    prefs = service.set_preference(args.user, args.category, args.channel, on, "cli")
+    _print_prefs(service.describe_preferences(prefs), args.json)
     return 0
 
 
 def prefs_show(args: argparse.Namespace, service: Any) -> int:
-    _print_json(service.describe_preferences(service.get_preferences(args.user)))
+    _print_prefs(service.describe_preferences(service.get_preferences(args.user)), args.json)
     return 0
 
 
@@ -702,9 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
     pset.add_argument("category", help="e.g. marketing, or * for every category")
     pset.add_argument("channel", help="e.g. email, or * for every channel")
     pset.add_argument("state", choices=["on", "off"])
+    pset.add_argument("--json", action="store_true")
     pset.set_defaults(func=_people_command, people=prefs_set)
     pshow = pfs.add_parser("show", help="choices and what they amount to")
     pshow.add_argument("user")
+    pshow.add_argument("--json", action="store_true")
     pshow.set_defaults(func=_people_command, people=prefs_show)
 
     su = sub.add_parser("suppressions", help="addresses Herald does not send to")
