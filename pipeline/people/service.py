@@ -49,7 +49,10 @@ SUBSCRIBER_FIELDS = ("email", "phone", "locale", "time_zone", "devices", "custom
 
 
 def _now() -> datetime:
-    return datetime.now(UTC)
+    """Now, to the millisecond: what a timestamp-millis field keeps, so an answer shows what
+    a later read gives."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 class PeopleService:
