@@ -130,10 +130,16 @@ class Connector(ABC):
             if part
         )
 
-    def describe_recipient(self, recipient: str) -> str:
+    @classmethod
+    def describe_address(cls, recipient: str) -> str:
         """The recipient as statuses, the ledger and logs show it. Override when the
-        address holds a secret (a push subscription carries its auth key)."""
+        address holds a secret (a push subscription carries its auth key). A class method:
+        the router calls it without a connector (SUPPRESSED statuses, suppression keys)."""
         return recipient
+
+    def describe_recipient(self, recipient: str) -> str:
+        """``describe_address`` for this connector's intents (what the sink calls)."""
+        return type(self).describe_address(recipient)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections. Called once when the sink stops."""

@@ -6,7 +6,13 @@
 - Message-ID is derived from the intent's idempotency key, so a resend after a crash carries
   the same Message-ID and a receiver can drop it (SMTP has an unavoidable duplicate window:
   RFC 1047).
-- Outcomes follow RFC 5321: 4xx and lost connections are retryable, 5xx is rejected.
+- Outcomes follow RFC 5321: 4xx and lost connections are retryable, 5xx is rejected. A
+  5xx that says the mailbox does not exist (enhanced status 5.1.1, 5.1.2, 5.1.6, 5.1.10, RFC
+  3463, or "user unknown" and the like in the text) is rejected as ``RecipientGone``: the
+  sink suppresses the address, and the router sends nothing more to it.
+- List-Unsubscribe (RFC 2369) and List-Unsubscribe-Post (RFC 8058, one-click) when the
+  router put the reserved data keys in the intent (``list_unsubscribe_url``, an https URL,
+  and ``list_unsubscribe_mailto``, a mailto: URI).
 
 The message is built once as bytes and handed to ``sendmail``: aiosmtplib's
 ``send_message`` re-flattens the EmailMessage on every call, which measured ~8x slower.
@@ -40,7 +46,11 @@ from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, DeliveryResult
-from pipeline.records import NotificationIntent
+from pipeline.records import (
+    DATA_LIST_UNSUBSCRIBE_MAILTO,
+    DATA_LIST_UNSUBSCRIBE_URL,
+    NotificationIntent,
+)
 
 __all__ = [
     "EmailConnector",
@@ -48,6 +58,8 @@ __all__ = [
     "InvalidAddressError",
     "SmtpSecurity",
     "build_message",
+    "list_unsubscribe",
+    "recipient_gone",
 ]
 
 # Deliberately plain: a local part and a dotted domain, no quoting, no CR/LF, no spaces.
@@ -70,6 +82,48 @@ def _check_header(value: str, what: str) -> str:
     if "\r" in value or "\n" in value or len(value.splitlines()) > 1:
         raise InvalidAddressError(f"{what} contains a line break (CR, LF or another)")
     return value
+
+
+# A URI inside <...> of List-Unsubscribe: printable ASCII without space, '<', '>' or ','.
+_LIST_URI = re.compile(r"[\x21-\x7e]+")
+
+
+def _list_uri(value: str, scheme: str, what: str) -> str:
+    _check_header(value, what)
+    if not _LIST_URI.fullmatch(value) or any(c in value for c in "<>,") or len(value) > 900:
+        raise InvalidAddressError(f"{what} is not a URI that fits List-Unsubscribe")
+    if not value.lower().startswith(scheme):
+        raise InvalidAddressError(f"{what} must be a {scheme} URI")
+    return value
+
+
+def _list_headers(intent: NotificationIntent) -> bytes:
+    """List-Unsubscribe written by hand: the policy would turn a URI longer than a line into
+    RFC 2047 encoded words, which no receiver reads as a URI. Folded between the URIs (the
+    one place RFC 2369 allows whitespace), each URI whole on its line (under 998 octets)."""
+    out = b""
+    for name, value in list_unsubscribe(intent):
+        folded = value.replace(", ", ",\r\n ")
+        out += f"{name}: {folded}\r\n".encode("ascii")
+    return out
+
+
+def list_unsubscribe(intent: NotificationIntent) -> list[tuple[str, str]]:
+    """The List-Unsubscribe headers of an intent (none without the reserved data keys).
+    List-Unsubscribe-Post only with an https URL (RFC 8058 section 3.1)."""
+    url = intent.data.get(DATA_LIST_UNSUBSCRIBE_URL)
+    mailto = intent.data.get(DATA_LIST_UNSUBSCRIBE_MAILTO)
+    targets = []
+    if url:
+        targets.append(f"<{_list_uri(url, 'https://', DATA_LIST_UNSUBSCRIBE_URL)}>")
+    if mailto:
+        targets.append(f"<{_list_uri(mailto, 'mailto:', DATA_LIST_UNSUBSCRIBE_MAILTO)}>")
+    if not targets:
+        return []
+    headers = [("List-Unsubscribe", ", ".join(targets))]
+    if url:
+        headers.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+    return headers
 
 
 # Values the SMTP policy writes exactly as given when the line fits (78 characters):
@@ -139,6 +193,7 @@ def build_message(
             ),
             _header("X-Herald-Notification-Id", intent.notification_id),
             _header("X-Herald-Event-Type", intent.event_type),
+            _list_headers(intent),
         )
     )
     text = _quoted_printable(intent.body_text)
@@ -303,8 +358,29 @@ async def _drop(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
+# RFC 3463 enhanced codes that say the address does not exist: bad destination mailbox,
+# bad destination system, mailbox moved, no mail accepted (null MX, RFC 7505).
+_GONE_CODES = frozenset({"5.1.1", "5.1.2", "5.1.6", "5.1.10"})
+_GONE_TEXT = re.compile(
+    r"no such (?:user|mailbox|recipient)|user unknown|unknown (?:user|recipient)|"
+    r"mailbox (?:not found|does not exist)|recipient not found|address does not exist",
+    re.IGNORECASE,
+)
+
+
+def recipient_gone(code: int, message: str) -> bool:
+    """Whether an SMTP answer says the mailbox does not exist (a hard bounce), as opposed to
+    another permanent refusal (policy, size, a full mailbox)."""
+    if code not in (550, 551, 553):
+        return False
+    enhanced = message.split(maxsplit=1)[0] if message.strip() else ""
+    return enhanced in _GONE_CODES or _GONE_TEXT.search(message) is not None
+
+
 def _coded(code: int, message: str, error_class: str, busy_pause_s: float) -> DeliveryResult:
     response = f"{code} {message}".strip()
+    if recipient_gone(code, message):
+        return DeliveryResult.rejected("RecipientGone", response)
     if code == 421:
         # RFC 5321 421: the server is closing the channel (overloaded, or limiting our
         # rate). SMTP carries no retry-after: the sink pauses the channel for the setting's

@@ -129,7 +129,8 @@ class SlackConnector(Connector):
             socket_factory=socket_factory,
         )
 
-    def describe_recipient(self, recipient: str) -> str:
+    @classmethod
+    def describe_address(cls, recipient: str) -> str:
         """An incoming-webhook URL is a credential: statuses and the ledger get the host and
         the workspace part only."""
         scheme, _, rest = recipient.partition("://")

@@ -407,7 +407,8 @@ class WebPushConnector(Connector):
         ``pushManager.subscribe({applicationServerKey})``."""
         return self._vapid.public_key
 
-    def describe_recipient(self, recipient: str) -> str:
+    @classmethod
+    def describe_address(cls, recipient: str) -> str:
         """The endpoint only: the subscription's keys stay out of statuses and the ledger."""
         try:
             return parse_subscription(recipient).endpoint

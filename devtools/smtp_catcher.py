@@ -3,7 +3,8 @@ and the fault-injection harness.
 
 Built on aiosmtpd (install the ``demo`` or ``dev`` extra). Failures on demand:
 ``reject_recipients`` answer 550 (permanent), ``defer_recipients`` answer 451 (transient),
-``defer_counts[address] = n`` answers 451 to the next n attempts. ``fail_rate`` answers 451
+``defer_counts[address] = n`` answers 451 to the next n attempts; ``replies[address]`` answers
+whatever it holds (e.g. "550 5.7.1 Refused by policy"). ``fail_rate`` answers 451
 and ``drop_rate`` drops the connection, at random, before a message is accepted.
 """
 
@@ -49,7 +50,8 @@ class SmtpCatcher:
             ) from None
         self.port = port or _free_port()
         self.messages: list[CaughtMessage] = []
-        self.reject_recipients: set[str] = set()
+        self.reject_recipients: set[str] = set()  # 550 5.1.1: the mailbox does not exist
+        self.replies: dict[str, str] = {}  # address -> the RCPT answer to give
         self.defer_recipients: set[str] = set()
         self.busy_recipients: set[str] = set()  # 421: the server asks us to slow down
         self.defer_counts: dict[str, int] = {}
@@ -122,6 +124,8 @@ class _Handler:
         if c.drop_rate and c.rng.random() < c.drop_rate:
             server.transport.close()  # an abrupt hang-up before the message is accepted
             return "421 4.4.2 Connection dropped"
+        if address in c.replies:
+            return c.replies[address]
         if address in c.reject_recipients:
             return "550 5.1.1 Mailbox unavailable"
         if address in c.busy_recipients:

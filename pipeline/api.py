@@ -5,6 +5,10 @@ called in the request path, so a slow provider never slows a caller.
     POST /v1/notifications           a direct notification                        -> 202
     GET  /v1/notifications/{id}      its delivery state, from the sinks' ledger    -> 200 / 404
     POST /api/notification           the seed service's request (pipeline/seed.py) -> 202
+    PUT|GET|DELETE /v1/subscribers/{id}           a subscriber record (people.subscribers)
+    POST /v1/subscribers/{id}/devices             register a push address
+    GET|PUT /v1/subscribers/{id}/preferences      choices per category and channel
+    GET|POST /u/{token}              one-click unsubscribe (RFC 8058), no bearer token
     GET  /healthz                    alive                                         -> 200
     GET  /readyz                     Kafka answers                                 -> 200 / 503
     GET  /metrics                    Prometheus metrics (requests by route and status, ...)
@@ -36,13 +40,20 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from html import escape
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
 from pipeline import metrics, observe
+from pipeline.people.policy import PreferencePolicy
+from pipeline.people.records import Subscriber
+from pipeline.people.service import PeopleService
+from pipeline.people.store import PeopleStore
+from pipeline.people.unsubscribe import ExpiredToken, TokenError
 from pipeline.publisher import Publisher
+from pipeline.router.rules import load_rules
 from pipeline.router.templates import Templates
 from pipeline.seed import to_direct
 from pipeline.service import (
@@ -118,10 +129,37 @@ def _accepted(accepted: Accepted) -> web.Response:
     return web.json_response(accepted.answer, status=202, headers=headers)
 
 
+# Problem types of the unsubscribe endpoint.
+INVALID_LINK = "tag:herald,2025:problems/invalid-unsubscribe-link"
+EXPIRED_LINK = "tag:herald,2025:problems/expired-unsubscribe-link"
+
+
+def _page(status: int, title: str, body: str) -> web.Response:
+    """A small HTML page (the unsubscribe endpoint is for people)."""
+    html = (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title></head>\n<body><h1>{escape(title)}</h1>\n{body}\n"
+        "</body></html>\n"
+    )
+    return web.Response(
+        status=status,
+        text=html,
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"},
+    )
+
+
 class NotificationApi:
-    def __init__(self, service: NotificationService, templates: Templates) -> None:
+    def __init__(
+        self,
+        service: NotificationService,
+        templates: Templates,
+        people: PeopleService | None = None,
+    ) -> None:
         self.service = service
         self.templates = templates
+        self.people = people
 
     # -- middlewares -------------------------------------------------------------------------
 
@@ -265,6 +303,102 @@ class NotificationApi:
             }
         )
 
+    # -- people ------------------------------------------------------------------------------
+
+    def _people(self) -> PeopleService:
+        if self.people is None:  # pragma: no cover - create_api always builds one
+            raise NotFound("Not Found", "people are not served here")
+        return self.people
+
+    async def put_subscriber(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        uid = request.match_info["user_id"]
+        sub = await asyncio.to_thread(self._people().put_subscriber, uid, body, "api")
+        return web.json_response(sub.to_json())
+
+    async def get_subscriber(self, request: web.Request) -> web.Response:
+        uid = request.match_info["user_id"]
+        sub: Subscriber = await asyncio.to_thread(self._people().get_subscriber, uid)
+        return web.json_response(sub.to_json())
+
+    async def delete_subscriber(self, request: web.Request) -> web.Response:
+        uid = request.match_info["user_id"]
+        await asyncio.to_thread(self._people().delete_subscriber, uid)
+        return web.Response(status=204)
+
+    async def post_device(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        uid = request.match_info["user_id"]
+        sub = await asyncio.to_thread(self._people().add_device, uid, body, "api")
+        return web.json_response(sub.to_json(), status=201)
+
+    async def get_preferences(self, request: web.Request) -> web.Response:
+        people = self._people()
+        prefs = await asyncio.to_thread(people.get_preferences, request.match_info["user_id"])
+        return web.json_response(people.describe_preferences(prefs))
+
+    async def put_preferences(self, request: web.Request) -> web.Response:
+        people = self._people()
+        body = await self._body(request)
+        uid = request.match_info["user_id"]
+        prefs = await asyncio.to_thread(people.put_preferences, uid, body, "api")
+        return web.json_response(people.describe_preferences(prefs))
+
+    def _token_refused(self, request: web.Request, e: TokenError) -> web.Response:
+        """A forged or expired link: nothing changes. HTML for a browser, else a problem."""
+        expired = isinstance(e, ExpiredToken)
+        status = 410 if expired else 400
+        if "text/html" in request.headers.get("Accept", ""):
+            text = (
+                "This unsubscribe link has expired. The link in a more recent message works."
+                if expired
+                else "This is not a valid unsubscribe link."
+            )
+            return _page(status, "Unsubscribe", f"<p>{escape(text)}</p>")
+        return _problem(
+            status,
+            "Expired Unsubscribe Link" if expired else "Invalid Unsubscribe Link",
+            str(e),
+            type_=EXPIRED_LINK if expired else INVALID_LINK,
+        )
+
+    async def unsubscribe_page(self, request: web.Request) -> web.Response:
+        """A confirmation page with a form; visiting it (or a link scanner fetching it)
+        changes nothing."""
+        try:
+            found = self._people().check_token(request.match_info["token"])
+        except TokenError as e:
+            return self._token_refused(request, e)
+        what = f"<strong>{escape(found.category)}</strong> messages by {escape(found.channel)}"
+        return _page(
+            200,
+            "Unsubscribe",
+            f"<p>Stop receiving {what}?</p>\n"
+            '<form method="post"><input type="hidden" name="List-Unsubscribe" '
+            'value="One-Click"><button type="submit">Unsubscribe</button></form>',
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """RFC 8058 one-click: a POST with ``List-Unsubscribe=One-Click`` in its form body
+        (urlencoded or multipart), from a mail client or from the confirmation page."""
+        people = self._people()
+        token = request.match_info["token"]
+        try:
+            people.check_token(token)
+        except TokenError as e:
+            return self._token_refused(request, e)
+        form = await request.post()
+        if form.get("List-Unsubscribe") != "One-Click":
+            raise BadRequest(
+                "Bad Request", "a one-click unsubscribe POST carries List-Unsubscribe=One-Click"
+            )
+        try:
+            found = await asyncio.to_thread(people.unsubscribe, token)
+        except TokenError as e:  # expired between the two checks
+            return self._token_refused(request, e)
+        what = f"<strong>{escape(found.category)}</strong> messages by {escape(found.channel)}"
+        return _page(200, "Unsubscribed", f"<p>You will not receive {what} any more.</p>")
+
     async def purge_expired_keys(self) -> None:
         """Delete expired idempotency keys now and every PURGE_INTERVAL_S."""
         while True:
@@ -295,8 +429,16 @@ def create_api(
     (one producer, one ledger), started and stopped with the application."""
     if ledger is None:
         ledger = open_ledger(settings.ledger_url.get_secret_value())
-    service = NotificationService(settings, Publisher(settings, producer_name="http-api"), ledger)
-    api = NotificationApi(service, Templates(settings.templates_dir))
+    publisher = Publisher(settings, producer_name="http-api")
+    service = NotificationService(settings, publisher, ledger)
+    people = PeopleService(
+        settings,
+        PeopleStore(settings, publisher.serde),
+        PreferencePolicy.load(settings.preferences_file),
+        installed_channels(),
+        load_rules(settings.rules_file),
+    )
+    api = NotificationApi(service, Templates(settings.templates_dir), people)
     app = web.Application(
         middlewares=[api.measure, api.problems, api.auth], client_max_size=service.request_limit
     )
@@ -304,6 +446,15 @@ def create_api(
     app.router.add_post("/v1/notifications", api.post_notification)
     app.router.add_get("/v1/notifications/{notification_id}", api.get_notification)
     app.router.add_post("/api/notification", api.post_seed_notification)
+    subscriber = "/v1/subscribers/{user_id}"
+    app.router.add_put(subscriber, api.put_subscriber)
+    app.router.add_get(subscriber, api.get_subscriber)
+    app.router.add_delete(subscriber, api.delete_subscriber)
+    app.router.add_post(f"{subscriber}/devices", api.post_device)
+    app.router.add_get(f"{subscriber}/preferences", api.get_preferences)
+    app.router.add_put(f"{subscriber}/preferences", api.put_preferences)
+    app.router.add_get("/u/{token}", api.unsubscribe_page)
+    app.router.add_post("/u/{token}", api.unsubscribe)
     readiness = observe.Readiness()
     readiness.register("api", service.ready)
     observe.add_routes(app, readiness)  # /metrics, /healthz, /readyz
@@ -323,6 +474,7 @@ def create_api(
         await server.stop(grace=5.0)
 
     async def close(app: web.Application) -> None:
+        await asyncio.to_thread(people.store.close)
         await asyncio.to_thread(service.close, 10)
 
     app.cleanup_ctx.append(purge)

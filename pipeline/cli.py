@@ -12,6 +12,10 @@ herald health                               Kafka and the registry answer (healt
 herald init DIR                             an editable copy of rules, templates and schemas
 herald tail TOPIC                           decoded records as JSON lines
 herald replay TOPIC [range] [filters]       write a topic's records again, for redelivery
+herald subscribers set|show|remove USER     subscriber records (people.subscribers)
+herald prefs set|show USER                  preferences per category and channel
+herald suppressions list|add|remove         suppressed addresses (people.suppressions)
+herald templates check                      translations, variables and renders of templates
 herald connectors list                      installed channels and their settings
 herald demo                                 the end-to-end sample flow
 
@@ -575,6 +579,173 @@ def cmd_health(args: argparse.Namespace, settings: HeraldSettings) -> int:
     return 0
 
 
+def _people_service(settings: HeraldSettings) -> Any:
+    from connectors.registry import installed_channels
+    from pipeline.people.policy import PreferencePolicy
+    from pipeline.people.service import PeopleService
+    from pipeline.people.store import PeopleStore
+    from pipeline.router.rules import load_rules
+    from pipeline.serialization import serde_from_settings
+
+    return PeopleService(
+        settings,
+        PeopleStore(settings, serde_from_settings(settings)),
+        PreferencePolicy.load(settings.preferences_file),
+        installed_channels(),
+        load_rules(settings.rules_file),
+    )
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} must be KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _people_command(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    """Runs one people command; a refusal is printed with its fields, exit 2 (invalid)
+    or 1 (Kafka unavailable, not found)."""
+    from pipeline.people.policy import PolicyError
+    from pipeline.service import InvalidRequest, ServiceError
+
+    name = f"herald {args.command}"
+    try:
+        service = _people_service(settings)
+        try:
+            return int(args.people(args, service))
+        finally:
+            service.store.close()
+    except (InvalidRequest, ValueError, PolicyError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 2
+    except ServiceError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False))
+
+
+def subscribers_set(args: argparse.Namespace, service: Any) -> int:
+    body: dict[str, Any] = {}
+    for key in ("email", "phone", "locale", "time_zone"):
+        value = getattr(args, key)
+        if value is not None:
+            body[key] = value or None  # "" clears the field
+    devices: dict[str, list[str]] = {}
+    for channel, address in ((c, a) for c, a in _pairs(args.device, "--device").items()):
+        devices.setdefault(channel, []).append(address)
+    if devices:
+        body["devices"] = devices
+    if args.custom:
+        body["custom"] = _pairs(args.custom, "--custom")
+    write = service.put_subscriber if args.replace else service.merge_subscriber
+    _print_json(write(args.user, body, "cli").to_json())
+    return 0
+
+
+def subscribers_show(args: argparse.Namespace, service: Any) -> int:
+    _print_json(service.get_subscriber(args.user).to_json())
+    return 0
+
+
+def subscribers_remove(args: argparse.Namespace, service: Any) -> int:
+    service.delete_subscriber(args.user)
+    print(f"removed subscriber {args.user} (a tombstone on {service.topics.subscribers})")
+    return 0
+
+
+def _print_prefs(described: dict[str, Any], as_json: bool) -> None:
+    """The choices, then what they amount to per category and channel (critical ones
+    marked), as a table; or the whole as JSON."""
+    if as_json:
+        _print_json(described)
+        return
+    choices = ", ".join(
+        f"{cat}/{ch}={'on' if on else 'off'}"
+        for cat, chs in sorted(described["choices"].items())
+        for ch, on in sorted(chs.items())
+    )
+    when = described["updated_at"] or "never"
+    by = f" by {described['updated_by']}" if described["updated_by"] else ""
+    print(f"{described['user_id']}: chose {choices or 'nothing'} (updated {when}{by})")
+    effective = described["effective"]
+    channels = sorted({ch for chs in effective.values() for ch in chs})
+    width = max(len(c) for c in [*effective, "category"]) + 2
+    print(("category".ljust(width) + "".join(ch.ljust(9) for ch in channels)).rstrip())
+    for category, chs in effective.items():
+        cells = "".join(("on" if chs[ch] else "OFF").ljust(9) for ch in channels)
+        mark = "  (critical)" if category in described["critical"] else ""
+        print(f"{category.ljust(width)}{cells.rstrip()}{mark}")
+
+
+def prefs_set(args: argparse.Namespace, service: Any) -> int:
+    on = args.state == "on"
+    prefs = service.set_preference(args.user, args.category, args.channel, on, "cli")
+    _print_prefs(service.describe_preferences(prefs), args.json)
+    return 0
+
+
+def prefs_show(args: argparse.Namespace, service: Any) -> int:
+    _print_prefs(service.describe_preferences(service.get_preferences(args.user)), args.json)
+    return 0
+
+
+def suppressions_list(args: argparse.Namespace, service: Any) -> int:
+    found = service.list_suppressions(args.channel)
+    for key, s in found:
+        if args.json:
+            print(json.dumps({"key": key, **s.to_json()}, ensure_ascii=False))
+        else:
+            at = s.suppressed_at.isoformat(timespec="seconds")
+            print(f"{at}  {key}  {s.describe()}  source={s.source}")
+    print(f"{len(found)} suppressed address(es)", file=sys.stderr)
+    return 0
+
+
+def suppressions_add(args: argparse.Namespace, service: Any) -> int:
+    key = service.add_suppression(args.channel, args.address, args.reason, "cli")
+    print(f"suppressed {key}")
+    return 0
+
+
+def suppressions_remove(args: argparse.Namespace, service: Any) -> int:
+    key = service.remove_suppression(args.channel, args.address)
+    print(f"lifted the suppression of {key}")
+    return 0
+
+
+def cmd_templates(args: argparse.Namespace, settings: HeraldSettings) -> int:
+    from pipeline.router.rules import RuleError, load_rules
+    from pipeline.router.templates import Templates
+    from pipeline.router.templates_check import check_templates
+    from pipeline.schemas import load_schemas
+
+    try:
+        rules = load_rules(settings.rules_file)
+    except RuleError as e:
+        print(f"herald templates check: {e}", file=sys.stderr)
+        return 2
+    templates = Templates(settings.templates_dir, settings.default_locale)
+    problems = check_templates(templates, rules, load_schemas(settings.schemas_dir.resolve()))
+    for problem in problems:
+        print(problem)
+    names = sorted(p.name for p in settings.templates_dir.iterdir() if p.is_dir())
+    locales = sorted({loc for n in names for loc in templates.translations(n).values()})
+    verdict = f"{len(problems)} problem(s)" if problems else "ok"
+    print(
+        f"{verdict}: {len(names)} templates, translations {', '.join(locales) or 'none'}, "
+        f"{len(rules)} rules checked against their event schemas",
+        file=sys.stderr,
+    )
+    return 1 if problems else 0
+
+
 def cmd_connectors(args: argparse.Namespace, settings: HeraldSettings) -> int:
     import textwrap
 
@@ -771,6 +942,60 @@ def build_parser() -> argparse.ArgumentParser:
     ini = sub.add_parser("init", help="write an editable copy of rules, templates and schemas")
     ini.add_argument("directory")
     ini.set_defaults(func=cmd_init)
+
+    sb = sub.add_parser("subscribers", help="subscriber records: set, show, remove")
+    sbs = sb.add_subparsers(dest="subscribers_command", required=True)
+    ss = sbs.add_parser("set", help="write a subscriber record (merged into the current one)")
+    ss.add_argument("user")
+    ss.add_argument("--email")
+    ss.add_argument("--phone")
+    ss.add_argument("--locale", help="BCP 47, e.g. pt-BR")
+    ss.add_argument("--time-zone", dest="time_zone", help="IANA, e.g. America/Sao_Paulo")
+    ss.add_argument("--device", action="append", help="CHANNEL=ADDRESS (repeatable)")
+    ss.add_argument("--custom", action="append", help="KEY=VALUE (repeatable)")
+    ss.add_argument("--replace", action="store_true", help="replace the record whole")
+    ss.set_defaults(func=_people_command, people=subscribers_set)
+    for name, fn, text in (
+        ("show", subscribers_show, "print the latest subscriber record"),
+        ("remove", subscribers_remove, "forget a subscriber (a tombstone)"),
+    ):
+        sp = sbs.add_parser(name, help=text)
+        sp.add_argument("user")
+        sp.set_defaults(func=_people_command, people=fn)
+
+    pf = sub.add_parser("prefs", help="preferences per category and channel")
+    pfs = pf.add_subparsers(dest="prefs_command", required=True)
+    pset = pfs.add_parser("set", help="turn a category on or off on a channel (* for all)")
+    pset.add_argument("user")
+    pset.add_argument("category", help="e.g. marketing, or * for every category")
+    pset.add_argument("channel", help="e.g. email, or * for every channel")
+    pset.add_argument("state", choices=["on", "off"])
+    pset.add_argument("--json", action="store_true")
+    pset.set_defaults(func=_people_command, people=prefs_set)
+    pshow = pfs.add_parser("show", help="choices and what they amount to")
+    pshow.add_argument("user")
+    pshow.add_argument("--json", action="store_true")
+    pshow.set_defaults(func=_people_command, people=prefs_show)
+
+    su = sub.add_parser("suppressions", help="addresses Herald does not send to")
+    sus = su.add_subparsers(dest="suppressions_command", required=True)
+    sl = sus.add_parser("list", help="every suppressed address")
+    sl.add_argument("--channel")
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=_people_command, people=suppressions_list)
+    sa = sus.add_parser("add", help="suppress an address (e.g. from a bounce report)")
+    sa.add_argument("channel")
+    sa.add_argument("address")
+    sa.add_argument("--reason", default="operator")
+    sa.set_defaults(func=_people_command, people=suppressions_add)
+    sr = sus.add_parser("remove", help="lift a suppression (the address, or the key list shows)")
+    sr.add_argument("channel")
+    sr.add_argument("address")
+    sr.set_defaults(func=_people_command, people=suppressions_remove)
+
+    tm = sub.add_parser("templates", help="check templates")
+    tm.add_argument("action", choices=["check"])
+    tm.set_defaults(func=cmd_templates)
 
     c = sub.add_parser("connectors", help="installed channels")
     c.add_argument("action", choices=["list"])

@@ -97,8 +97,8 @@ DEAD_LETTERS = Counter(
 )
 SUPPRESSED = Counter(
     "herald_suppressed",
-    "Notifications not delivered because the recipient is suppressed, by channel. Herald "
-    "has no suppression list yet: declared so dashboards and alerts can name it; stays 0.",
+    "Notifications the router did not make because the person opted out or the address is "
+    "suppressed (each is a SUPPRESSED status), by channel.",
     ["channel"],
 )
 DEFERRED = Counter(

@@ -9,6 +9,8 @@ from enum import StrEnum
 from typing import Any
 
 __all__ = [
+    "DATA_LIST_UNSUBSCRIBE_MAILTO",
+    "DATA_LIST_UNSUBSCRIBE_URL",
     "DELIVERY_STATUS",
     "NOTIFICATION_INTENT",
     "DeliveryState",
@@ -19,6 +21,13 @@ __all__ = [
 
 NOTIFICATION_INTENT = "herald.notifications.NotificationIntent"
 DELIVERY_STATUS = "herald.notifications.DeliveryStatus"
+
+# Reserved keys of NotificationIntent.data, set by the router (never by a rule's ``data``):
+# the one-click unsubscribe URL (https, RFC 8058) and mailto address (RFC 2369) of a
+# non-critical email. The email connector turns them into List-Unsubscribe and
+# List-Unsubscribe-Post headers.
+DATA_LIST_UNSUBSCRIBE_URL = "list_unsubscribe_url"
+DATA_LIST_UNSUBSCRIBE_MAILTO = "list_unsubscribe_mailto"
 
 # Namespace for notification ids. Fixed forever: changing it would change every id and so
 # every idempotency key.
@@ -90,6 +99,9 @@ class DeliveryState(StrEnum):
     # The provider asked to wait (a retry-after): the sink paused the channel and sends the
     # same attempt again. A status only; the ledger never holds it. DeliveryStatus.v2+.
     THROTTLED = "THROTTLED"
+    # The router did not make the notification (an opt-out, a suppressed address): final.
+    # A status only, written by the router; no sink sees it. DeliveryStatus.v3+.
+    SUPPRESSED = "SUPPRESSED"
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,19 @@ class HeraldSettings(BaseSettings):
     # hold their records with the same settings).
     router_retry_backoff_max_ms: int = 5_000
 
+    # People (docs/architecture.md, "People"): workspace defaults of preferences and the
+    # categories that bypass opt-outs (a TOML file); the locale templates fall back to.
+    preferences_file: Path = project_root() / "config" / "preferences.toml"
+    default_locale: str = "en"
+    # One-click unsubscribe (RFC 8058): every non-critical email carries List-Unsubscribe with
+    # <unsubscribe_url>/u/<token> and, when set, mailto:<unsubscribe_mailto>?subject=<token>.
+    # The token is signed with the secret (HMAC-SHA256) and expires after the TTL. Without a
+    # secret and a URL, emails carry no List-Unsubscribe.
+    unsubscribe_secret: SecretStr | None = None
+    unsubscribe_url: str | None = None  # the API's public base URL, e.g. https://notify.example.com
+    unsubscribe_mailto: str | None = None  # e.g. unsubscribe@example.com
+    unsubscribe_ttl_s: int = 60 * 86_400
+
     # Sinks
     # Where sinks record outcomes and offsets. SQLite for one host; PostgreSQL for sinks on
     # several hosts sharing a consumer group.

@@ -48,10 +48,31 @@ class Topics:
     def status(self) -> str:
         return f"{self.prefix}notifications.status"
 
+    # State about people: compacted topics (docs/architecture.md, "People").
+
+    @property
+    def subscribers(self) -> str:
+        """Subscriber records keyed by user id, co-partitioned with the event topics."""
+        return f"{self.prefix}people.subscribers"
+
+    @property
+    def preferences(self) -> str:
+        """Preferences records keyed by user id, co-partitioned with the event topics."""
+        return f"{self.prefix}people.preferences"
+
+    @property
+    def suppressions(self) -> str:
+        """Suppression records keyed by channel and address; every router reads all of it."""
+        return f"{self.prefix}people.suppressions"
+
+    def people(self) -> list[str]:
+        """The compacted topics (cleanup.policy=compact)."""
+        return [self.subscribers, self.preferences, self.suppressions]
+
     def all(
         self, domains: Iterable[str], channels: Iterable[str], retry_tiers: int = 3
     ) -> list[str]:
-        names = [*self.all_events(domains), self.events_dlq, self.status]
+        names = [*self.all_events(domains), self.events_dlq, self.status, *self.people()]
         for channel in channels:
             names += [self.notifications(channel), self.notifications_dlq(channel)]
             names += [self.notifications_retry(channel, t) for t in range(1, retry_tiers + 1)]

@@ -120,6 +120,10 @@ def _entry(msg: Message, kind: str, serde: AvroSerde) -> TraceEntry:
         summary = f"{hdrs.get(h.ERROR_CLASS)}: {hdrs.get(h.ERROR_MESSAGE, '')}"
         if hdrs.get(h.TRUNCATED):
             summary += f" (truncated: {hdrs[h.TRUNCATED]})"
+    elif record.get("state") == "SUPPRESSED":  # the router decided not to send
+        summary = f"SUPPRESSED by the router ({record.get('error_class')})"
+        if record.get("provider_response"):
+            summary += f": {record['provider_response']}"
     else:  # status
         summary = f"{record.get('state')} after {record.get('attempts')} attempt(s)"
         if record.get("provider_response"):

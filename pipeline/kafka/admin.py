@@ -134,17 +134,37 @@ def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> l
     Returns the names created. Safe to run from several processes at once."""
     wanted = names if names is not None else herald_topics(settings)
     admin = connect_admin(settings)
-    existing = set(admin.list_topics(timeout=15).topics)
+    metadata = admin.list_topics(timeout=15).topics
+    existing = set(metadata)
     missing = [n for n in wanted if n not in existing]
     if not missing:
         return []
+    topics = Topics(settings.topic_prefix)
+    compacted = set(topics.people())
+    # The people topics are co-partitioned with the event topics: same partition count (and
+    # the same key, so the same partition for a user). Event topics that exist already decide.
+    partitions = settings.topic_partitions
+    counts = {
+        len(md.partitions)
+        for name, md in metadata.items()
+        if name.startswith(topics.events("")) and name != topics.events_dlq
+    }
+    if len(counts) == 1:
+        partitions = counts.pop()
+
+    def config(name: str) -> dict[str, str]:
+        conf = {"min.insync.replicas": str(min(2, settings.topic_replication_factor))}
+        if name in compacted:
+            conf["cleanup.policy"] = "compact"
+        return conf
+
     futures = admin.create_topics(
         [
             NewTopic(
                 n,
-                num_partitions=settings.topic_partitions,
+                num_partitions=partitions if n in compacted else settings.topic_partitions,
                 replication_factor=settings.topic_replication_factor,
-                config={"min.insync.replicas": str(min(2, settings.topic_replication_factor))},
+                config=config(n),
             )
             for n in missing
         ],

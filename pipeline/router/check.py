@@ -134,17 +134,18 @@ def _render(
             return None, None  # the condition keeps such events away from this rule
     unconditional = RuleSet([dataclasses.replace(rule, when=None)])
     try:
-        intents = route(rule.event, example, unconditional, templates, _NOW)
-    except MissingRecipientError as e:
-        problem = f"{e} (for {which})"
-        if not full and rule.recipient is not None:
-            # An optional recipient field: every event without it would be dead-lettered
-            # whole, the rule's other intents with it.
-            problem += (
-                f"; events without it would be dead-lettered: add "
-                f'when = "{rule.recipient} is not none" to the rule'
-            )
-        return problem, None
+        routed = route(rule.event, example, unconditional, templates, _NOW)
     except RoutingError as e:
         return f"{e} (for {which})", None
-    return None, intents[0] if intents else None
+    if routed.failures:
+        failure = routed.failures[0]
+        problem = f"{failure} (for {which})"
+        if isinstance(failure, MissingRecipientError) and not full and rule.recipient is not None:
+            # An optional recipient field: every event without it would have this rule's
+            # notification dead-lettered.
+            problem += (
+                f"; events without it would be dead-lettered for this rule: add "
+                f'when = "{rule.recipient.split("|")[-1]} is not none" to the rule'
+            )
+        return problem, None
+    return None, routed.intents[0] if routed.intents else None

@@ -1,4 +1,5 @@
-"""What a sink writes besides deliveries: retry records, dead letters and statuses.
+"""What a sink writes besides deliveries: retry records, dead letters, statuses and
+suppressions of addresses a provider said are gone.
 
 Every record is produced asynchronously; ``flush()`` waits until all of them are
 acknowledged and raises if any was not. The checkpoint calls it before recording outcomes,
@@ -18,12 +19,17 @@ from connectors.base import Connector, DeliveryResult
 from pipeline import headers as h
 from pipeline import metrics
 from pipeline.deadletter import dead_letter, safe_header_text
+from pipeline.people.records import SUPPRESSION, Suppression, suppression_key
 from pipeline.records import DELIVERY_STATUS, DeliveryState, DeliveryStatus, NotificationIntent
 from pipeline.serialization import AvroSerde
 from pipeline.sink.retry import RetryPolicy, epoch_ms, failure_headers, original_coordinates
 from pipeline.topics import Topics
 
-__all__ = ["Outputs", "Producer", "ProviderError", "coords"]
+__all__ = ["RECIPIENT_GONE", "Outputs", "Producer", "ProviderError", "coords"]
+
+# The error class connectors give a rejection that means the address is gone for good (an
+# SMTP 550 5.1.1, an HTTP 410 from a push service, an unregistered device token).
+RECIPIENT_GONE = "RecipientGone"
 
 
 class Producer(Protocol):
@@ -160,6 +166,31 @@ class Outputs:
             traceparent=h.valid_traceparent(intent.traceparent),
         )
         self._produce(self.topics.status, intent.notification_id.encode(), value, hdrs)
+
+    def suppress(self, intent: NotificationIntent, result: DeliveryResult, now: datetime) -> None:
+        """The intent's address to people.suppressions (compacted, keyed by channel and
+        address): the provider said it is gone, so the router sends nothing more to it (a
+        dead device token is thereby dropped from its subscriber). Produced next to the dead
+        letter and acknowledged with it before the outcome is recorded; a crash before that
+        writes it again, which compaction makes harmless."""
+        shown = self.connector.describe_recipient(intent.recipient)
+        record = Suppression(
+            channel=self.channel,
+            address=shown,
+            reason="bounced" if self.channel == "email" else "gone",
+            source=f"sink-{self.channel}",
+            detail=safe_header_text(result.response, 300) if result.response else None,
+            error_class=result.error_class,
+            notification_id=intent.notification_id,
+            user_id=intent.user_id,
+            suppressed_at=now,
+        )
+        value, ref = self.serde.encode(SUPPRESSION, record.to_avro())
+        key = suppression_key(self.channel, intent.recipient, shown)
+        hdrs = h.for_record(
+            schema_ref=ref, event_id=intent.event_id, notification_id=intent.notification_id
+        )
+        self._produce(self.topics.suppressions, key.encode(), value, hdrs)
 
     def original(self, msg: Message) -> tuple[str, int, int]:
         """Where the notification first appeared (kept across retry tiers)."""

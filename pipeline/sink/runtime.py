@@ -23,9 +23,11 @@ without a provider call.
 
 Sending. Through the connector, one send at a time per concurrency slot and token
 (``max_concurrency``, ``rate_per_second``), gated by the circuit breaker. Outcomes:
-sent -> SENT; rejected -> REJECTED + dead letter; retryable with a retry-after up to
-``HERALD_SINK_MAX_THROTTLE_MS`` -> a THROTTLED status, the whole channel pauses that long
-(every partition paused, no send starts) and the same attempt is sent again; other
+sent -> SENT; rejected -> REJECTED + dead letter (and, when the provider said the address is
+gone, ``RecipientGone``, a suppression of it on people.suppressions); retryable with a
+retry-after up to ``HERALD_SINK_MAX_THROTTLE_MS`` -> a THROTTLED status, the whole channel
+pauses that long (every partition paused, no send starts) and the same attempt is sent again;
+other
 retryable -> a retry record on tier min(attempts, tiers), or DEAD + dead letter once
 attempts run out. Every outcome is also a DeliveryStatus on notifications.status.
 
@@ -54,6 +56,7 @@ from pipeline import headers as h
 from pipeline import logs, metrics, observe, tracing
 from pipeline.deadletter import safe_header_text
 from pipeline.kafka.stats import KafkaStats
+from pipeline.people.records import SUPPRESSION
 from pipeline.records import (
     DELIVERY_STATUS,
     NOTIFICATION_INTENT,
@@ -73,7 +76,7 @@ from pipeline.sink.consumer import KafkaSource, Source
 from pipeline.sink.dedupe import Deduper
 from pipeline.sink.ledger import Key, Ledger, LedgerOutcome, LedgerThread
 from pipeline.sink.limits import ChannelPause, ProviderGate, oversize
-from pipeline.sink.outputs import Outputs, ProviderError, coords
+from pipeline.sink.outputs import RECIPIENT_GONE, Outputs, ProviderError, coords
 from pipeline.sink.outputs import Producer as ProducerLike
 from pipeline.sink.retry import RetryPolicy, parse_attempts, parse_not_before
 from pipeline.sink.stats import SinkStats
@@ -220,12 +223,14 @@ class SinkWorker:
         try:
             # Status records are encoded after a send: make sure their schema is registered
             # first, so a registry outage later cannot fail a record already sent.
-            await through_registry_outage(
-                functools.partial(self.serde.prepare, DELIVERY_STATUS),
-                f"the {self.channel} sink's start",
-                self.settings.router_retry_backoff_ms / 1000,
-                self.settings.router_retry_backoff_max_ms / 1000,
-            )
+            # The same for suppressions, written after a send whose address is gone.
+            for schema in (DELIVERY_STATUS, SUPPRESSION):
+                await through_registry_outage(
+                    functools.partial(self.serde.prepare, schema),
+                    f"the {self.channel} sink's start",
+                    self.settings.router_retry_backoff_ms / 1000,
+                    self.settings.router_retry_backoff_max_ms / 1000,
+                )
             await self.ledger.open(self.settings.ledger_url.get_secret_value())
             producer = self._producer or Producer(self.settings.producer_config())
             self.outputs = Outputs(
@@ -490,6 +495,8 @@ class SinkWorker:
             state = DeliveryState.REJECTED
             log.info("%s rejected %s: %s", self.channel, intent.notification_id, result.response)
             self.outputs.dead_letter(msg, ProviderError(result), attempts, result.error_class, now)
+            if result.error_class == RECIPIENT_GONE:
+                self.outputs.suppress(intent, result, now)
         elif self.policy.exhausted(attempts):
             self.stats.dead += 1
             state = DeliveryState.DEAD

@@ -70,6 +70,7 @@ def catcher(catcher_server: SmtpCatcher) -> SmtpCatcher:
     catcher_server.reject_recipients.clear()
     catcher_server.defer_recipients.clear()
     catcher_server.busy_recipients.clear()
+    catcher_server.replies.clear()
     return catcher_server
 
 
@@ -172,6 +173,7 @@ class Case:
     reject: bool = False
     defer: bool = False
     busy: bool = False
+    reply: str | None = None  # the server's RCPT answer
     retry_after: float | None = None
     closed_port: bool = False
     outcome: Outcome = Outcome.SENT
@@ -184,10 +186,31 @@ class Case:
 CASES = [
     Case("sent", delivered=True),
     Case(
-        "rejected-550",
+        "rejected-550-5.1.1-mailbox-gone",
         reject=True,
         outcome=Outcome.REJECTED,
-        response="550",
+        response="550 5.1.1",
+        error_class="RecipientGone",
+    ),
+    Case(
+        "rejected-550-no-such-user-text",
+        reply="550 Requested action not taken: no such user here",
+        outcome=Outcome.REJECTED,
+        response="no such user",
+        error_class="RecipientGone",
+    ),
+    Case(
+        "rejected-550-5.7.1-policy-is-not-gone",
+        reply="550 5.7.1 Message refused by policy",
+        outcome=Outcome.REJECTED,
+        response="5.7.1",
+        error_class="SMTPRecipientRefused",
+    ),
+    Case(
+        "rejected-552-mailbox-full-is-not-gone",
+        reply="552 5.2.2 Mailbox full",
+        outcome=Outcome.REJECTED,
+        response="5.2.2",
         error_class="SMTPRecipientRefused",
     ),
     Case(
@@ -237,6 +260,8 @@ async def test_outcomes(catcher: SmtpCatcher, clients: list[aiosmtplib.SMTP], ca
         catcher.defer_recipients.add(case.recipient)
     if case.busy:
         catcher.busy_recipients.add(case.recipient)
+    if case.reply:
+        catcher.replies[case.recipient] = case.reply
     port = free_port() if case.closed_port else catcher.port
     connector = EmailConnector(settings(port, smtp_busy_pause_s=12.5))
     sent = intent(case.recipient)

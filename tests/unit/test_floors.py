@@ -15,7 +15,13 @@ from pipeline.settings import project_root
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     (
         "1 records and the channel contract",
-        ("pipeline.records", "pipeline.headers", "connectors.base", "connectors.registry"),
+        (
+            "pipeline.records",
+            "pipeline.headers",
+            "connectors.base",
+            "connectors.registry",
+            "pipeline.people.records",
+        ),
     ),
     (
         "2 schemas, serialization, settings, topics, observability",
@@ -32,14 +38,31 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.observe",
             "pipeline.environment",
             "pipeline.examples",
+            # Preference policy and unsubscribe tokens: pure, like settings.
+            "pipeline.people.policy",
+            "pipeline.people.unsubscribe",
         ),
     ),
-    ("3 Kafka clients", ("pipeline.kafka", "pipeline.publisher", "pipeline.inspect")),
+    (
+        "3 Kafka clients",
+        (
+            "pipeline.kafka",
+            "pipeline.publisher",
+            "pipeline.inspect",
+            # Reading and writing the people topics (API, CLI) and the tables' reader.
+            "pipeline.people.store",
+            "pipeline.people.reader",
+        ),
+    ),
     ("4 connectors", ("connectors",)),
-    ("5 router and sink runtime", ("pipeline.router", "pipeline.sink")),
+    # The router's people tables are router state.
+    ("5 router and sink runtime", ("pipeline.router", "pipeline.sink", "pipeline.people.tables")),
     # The APIs' operations (validation, idempotency keys), transport-free, and the gRPC
     # API's generated messages.
-    ("6 API service", ("pipeline.service", "pipeline.seed", "pipeline.proto")),
+    (
+        "6 API service",
+        ("pipeline.service", "pipeline.seed", "pipeline.proto", "pipeline.people.service"),
+    ),
     (
         "7 CLI, HTTP and gRPC APIs, replay, trace, dlq",
         (
@@ -49,6 +72,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "pipeline.replay",
             "pipeline.trace",
             "pipeline.dlq",
+            "pipeline.people",  # the package itself (its modules are placed above)
         ),
     ),
 ]

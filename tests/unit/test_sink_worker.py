@@ -205,3 +205,37 @@ def outcome(i: NotificationIntent, state: DeliveryState, attempts: int) -> Ledge
         provider_message_id=None,
         at=i.created_at,
     )
+
+
+async def test_a_gone_recipient_is_suppressed_next_to_its_dead_letter(
+    serde: AvroSerde, tmp_path: Path
+) -> None:
+    from pipeline.people.records import SUPPRESSION, Suppression, suppression_key
+
+    fake = FakeConnector(
+        results={
+            "gone@example.com": [
+                DeliveryResult.rejected("RecipientGone", "550 5.1.1 no such user")
+            ],
+            "refused@example.com": [DeliveryResult.rejected("SMTPRecipientRefused", "550 5.7.1")],
+        }
+    )
+    sink = make_sink(fake, serde, tmp_path)
+    gone = intent("gone@example.com", user_id="u-7")
+    sink.publish(gone)
+    sink.publish(intent("refused@example.com"))
+    async with running(sink):
+        await until(lambda: len(sink.dead_letters()) == 2)
+    [record] = sink.kafka.records(sink.topics.suppressions)
+    assert record.key() == suppression_key("fake", "gone@example.com").encode()
+    s = Suppression.from_avro(serde.decode(record.value(), expect=SUPPRESSION).record)
+    assert (s.channel, s.address, s.reason, s.source) == (
+        "fake",
+        "gone@example.com",
+        "gone",
+        "sink-fake",
+    )
+    assert (s.error_class, s.detail) == ("RecipientGone", "550 5.1.1 no such user")
+    assert (s.notification_id, s.user_id) == (gone.notification_id, "u-7")
+    # Recorded only once acknowledged: the outcome is in the ledger.
+    assert states(sink, gone) == [S.REJECTED]
