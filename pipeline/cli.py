@@ -777,6 +777,8 @@ def cmd_rules(args: argparse.Namespace, settings: HeraldSettings) -> int:
         subject = f" subject={intent.subject!r}" if intent.subject else ""
         route = f"{intent.event_type} -> {intent.channel} {intent.recipient}"
         print(f"ok  {intent.rule}: {route}{subject}")
+    for warning in report.warnings:
+        print(f"warn  {warning}", file=sys.stderr)
     for problem in report.problems:
         print(f"error  {problem}", file=sys.stderr)
     status = "ok" if not report.problems else f"{len(report.problems)} problem(s)"

@@ -50,6 +50,9 @@ class RulesCheck:
     rules: int = 0
     templates: int = 0
     problems: list[str] = field(default_factory=list)
+    # Rules that will dead-letter some events alone (a recipient an event may lack): a
+    # failing rule fails alone, so these do not stop the router, but they are shown.
+    warnings: list[str] = field(default_factory=list)
     rendered: list[NotificationIntent] = field(default_factory=list)
 
     def raise_for_problems(self) -> None:
@@ -99,6 +102,9 @@ def check_rules(
         for full in (False, True):
             example = example_record(definition, full=full)
             problem, intent = _render(rule, templates, example, full)
+            if problem and problem.startswith(_OPTIONAL_RECIPIENT):
+                report.warnings.append(problem.removeprefix(_OPTIONAL_RECIPIENT))
+                continue
             if problem:
                 report.problems.append(problem)
                 break
@@ -113,6 +119,9 @@ def check_rules(
                 if full:
                     report.rendered.append(intent)
     return report
+
+
+_OPTIONAL_RECIPIENT = "optional recipient: "
 
 
 def _render(
@@ -140,12 +149,17 @@ def _render(
     if routed.failures:
         failure = routed.failures[0]
         problem = f"{failure} (for {which})"
-        if isinstance(failure, MissingRecipientError) and not full and rule.recipient is not None:
-            # An optional recipient field: every event without it would have this rule's
-            # notification dead-lettered.
-            problem += (
-                f"; events without it would be dead-lettered for this rule: add "
-                f'when = "{rule.recipient.split("|")[-1]} is not none" to the rule'
+        from_subscriber = "subscriber." in (rule.recipient or "")
+        if isinstance(failure, MissingRecipientError) and (not full or from_subscriber):
+            # A recipient an event may lack (an optional field, or the subscriber's record,
+            # which the check cannot know: it has no people state): those events get this
+            # rule's dead letter, the other rules still send. Worth a condition, not a
+            # refusal.
+            field_name = (rule.recipient or "").split("|")[-1] or "the recipient"
+            return (
+                f"{_OPTIONAL_RECIPIENT}{problem}; events without it get a dead letter for this "
+                f'rule: add when = "{field_name} is not none" if that is expected',
+                None,
             )
         return problem, None
     return None, routed.intents[0] if routed.intents else None

@@ -39,13 +39,24 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from pipeline import observe
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.stats import KafkaStats
+
+if TYPE_CHECKING:
+    from pipeline.people.tables import PeopleTables
 from pipeline.router.handler import Output
 from pipeline.router.handling import HoldingRouter, stop_now
 from pipeline.settings import HeraldSettings
@@ -134,6 +145,7 @@ class RouterLoop:
         self._in_transaction = False
         self._delivery_errors: list[KafkaError] = []
         self._assigned: set[tuple[str, int]] = set()
+        self.people: PeopleTables | None = None
         self.kafka_stats = KafkaStats("router")
         observe.register_readiness("router", self._readiness)
 
@@ -143,9 +155,16 @@ class RouterLoop:
 
     @classmethod
     def from_settings(cls, settings: HeraldSettings) -> RouterLoop:
+        from pipeline.people.tables import PeopleTables
+
         router = HoldingRouter.from_settings(settings)
         ensure_topics(settings)
-        return cls(settings, router)
+        loop = cls(settings, router)
+        # What the router knows about people: the subscriber, preference and suppression
+        # tables, read from their compacted topics (pipeline/people/tables.py).
+        loop.people = PeopleTables.from_settings(settings, router.handler.serde)
+        router.handler.people = loop.people
+        return loop
 
     def stop(self) -> None:
         self._stopping.set()
@@ -189,7 +208,8 @@ class RouterLoop:
         routing = asyncio.ensure_future(self._route(batch))
         while not routing.done():
             await asyncio.wait({routing}, timeout=0.5)
-            if self._stopping.is_set() and self.router.held_since is not None:
+            people_waiting = self.people is not None and self.people.waiting
+            if self._stopping.is_set() and (self.router.held_since is not None or people_waiting):
                 routing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await routing
@@ -201,6 +221,13 @@ class RouterLoop:
         outputs: list[Output] = []
         for i, msg in enumerate(batch):
             topic, partition, offset = _coords(msg)
+            if self.people is not None:
+                # The people tables of this partition hold everything written before the
+                # event (a subscriber set just before an event is seen by it).
+                ts_type, ts = msg.timestamp()
+                await self.people.wait_ready(
+                    partition, ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None
+                )
             outputs += await self.router.handle(
                 key=msg.key(),
                 value=msg.value(),
@@ -230,6 +257,8 @@ class RouterLoop:
                 **self.kafka_stats.config(self.settings.kafka_stats_interval_ms)
             )
         )
+        if self.people is not None:
+            self.people.start()  # checks co-partitioning, starts reading suppressions
         consumer.subscribe(
             self.topics.all_events(self.router.handler.serde.schemas.domains()),
             on_assign=self._on_assign,
@@ -354,6 +383,8 @@ class RouterLoop:
             self._producer.abort_transaction(5)
 
     def _close(self) -> None:
+        if self.people is not None:
+            self.people.close()
         if self._consumer is not None:
             self._consumer.close()  # leaves the group: its partitions move on at once
         if self._producer is not None:
@@ -362,15 +393,21 @@ class RouterLoop:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("router assigned %s", _describe(partitions))
         self._assigned |= {(p.topic, p.partition) for p in partitions}
+        if self.people is not None:
+            self.people.on_assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Called inside poll(), between batches: no transaction is open.
         log.info("router revoked %s", _describe(partitions))
         self._assigned -= {(p.topic, p.partition) for p in partitions}
+        if self.people is not None:
+            self.people.on_revoke(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("router lost %s", _describe(partitions))
         self._assigned -= {(p.topic, p.partition) for p in partitions}
+        if self.people is not None:
+            self.people.on_revoke(partitions)
 
 
 async def run_router(settings: HeraldSettings) -> None:

@@ -126,10 +126,14 @@ def test_a_condition_that_guards_an_optional_recipient_is_respected(
     report = check_rules(rules, templates, schemas, installed_channels())
     assert report.problems == []
     assert report.rendered[0].recipient.startswith("+")
-    # Without the condition, events without a phone number could not be routed.
+    # Without the condition, events without a phone number get a dead letter for this rule
+    # (a failing rule fails alone): a warning with the condition to add, not a refusal.
     unguarded = _rules(channel="sms", target='recipient = "phone"')
     report = check_rules(unguarded, templates, schemas, installed_channels())
-    assert "recipient field 'phone' is missing" in report.problems[0]
+    assert report.problems == []
+    [warning] = report.warnings
+    assert "recipient field 'phone' is missing" in warning
+    assert 'when = "phone is not none"' in warning
 
 
 def test_the_router_runs_the_same_check_at_start(tmp_path: Path) -> None:
