@@ -23,6 +23,9 @@ from pipeline.topics import Topics
 
 __all__ = ["run_demo"]
 
+# A user whose address bounced before: the demo suppresses it before publishing.
+BOUNCED = {"user_id": "u-1004", "email": "gone@example.com", "display_name": "Gone"}
+
 SAMPLE_EVENTS: list[tuple[str, dict[str, Any]]] = [
     (
         "user-registered",
@@ -95,6 +98,11 @@ def run_demo(base: HeraldSettings) -> int:
             log_path.unlink(missing_ok=True)
             _say(f"starting the router and the email sink: herald run all (log: {log_path})")
             router.start()
+            # An address that bounced before: the router suppresses what would go to it.
+            people = _people(settings)
+            people.add_suppression("email", BOUNCED["email"], "bounced (550 5.1.1)", "demo")
+            people.store.close()
+            _say(f"suppressed email:{BOUNCED['email']} (as if it had bounced before)")
             publisher = Publisher(settings, producer_name="demo-shop")
             for event_type, data in SAMPLE_EVENTS:
                 ev = publisher.publish_sync(event_type, data)
@@ -103,6 +111,8 @@ def run_demo(base: HeraldSettings) -> int:
                     f"-> {ev.topic}[{ev.partition}]@{ev.offset}"
                 )
             topics = Topics(settings.topic_prefix)
+            gone = publisher.publish_sync("user-registered", BOUNCED)
+            _say(f"published user-registered           {gone.event_id} (to the bounced address)")
             bad = publisher._producer  # a raw record, as a buggy producer might write it
             bad.produce(topics.events("user"), b"\x07not avro at all", b"u-9999")
             bad.flush(10)
@@ -125,8 +135,9 @@ def run_demo(base: HeraldSettings) -> int:
                 print(f"    Message-ID: {m.message_id}")
                 print(f"    | {first}")
                 print()
+            suppressed = _report_suppressed(settings, topics.status, gone.event_id)
             _report_dlq(settings, topics.events_dlq)
-            return 0 if len(received) == len(SAMPLE_EVENTS) else 1
+            return 0 if len(received) == len(SAMPLE_EVENTS) and suppressed else 1
     except KafkaNotProvisionedError as e:
         _say(str(e))
         return 1
@@ -136,6 +147,59 @@ def run_demo(base: HeraldSettings) -> int:
         kafka.stop()
         shutil.rmtree(home / "kafka" / "data", ignore_errors=True)
         _say("stopped the pipeline and the broker")
+
+
+def _people(settings: HeraldSettings) -> Any:
+    from connectors.registry import installed_channels
+    from pipeline.people.policy import PreferencePolicy
+    from pipeline.people.service import PeopleService
+    from pipeline.people.store import PeopleStore
+    from pipeline.router.rules import load_rules
+    from pipeline.serialization import serde_from_settings
+
+    return PeopleService(
+        settings,
+        PeopleStore(settings, serde_from_settings(settings)),
+        PreferencePolicy.load(settings.preferences_file),
+        installed_channels(),
+        load_rules(settings.rules_file),
+    )
+
+
+def _report_suppressed(settings: HeraldSettings, topic: str, event_id: str) -> bool:
+    """Print the SUPPRESSED status the router wrote for the bounced address's event."""
+    from confluent_kafka import Consumer
+
+    from pipeline import headers as h
+    from pipeline.records import DELIVERY_STATUS
+    from pipeline.serialization import serde_from_settings
+
+    serde = serde_from_settings(settings)
+    consumer = Consumer(
+        settings.client_config(
+            **{"group.id": "herald-demo-status", "auto.offset.reset": "earliest"}
+        )
+    )
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            if h.as_dict(msg.headers()).get(h.EVENT_ID) != event_id:
+                continue
+            status = serde.decode(msg.value(), expect=DELIVERY_STATUS).record
+            if status["state"] == "SUPPRESSED":
+                _say(
+                    f"suppressed, not sent: {status['channel']} to {status['recipient']}: "
+                    f"{status['provider_response']} (a SUPPRESSED status on {topic})"
+                )
+                return True
+        _say(f"no SUPPRESSED status for the bounced address on {topic}")
+        return False
+    finally:
+        consumer.close()
 
 
 def _report_dlq(settings: HeraldSettings, topic: str) -> None:
