@@ -150,20 +150,9 @@ def run_demo(base: HeraldSettings) -> int:
 
 
 def _people(settings: HeraldSettings) -> Any:
-    from connectors.registry import installed_channels
-    from pipeline.people.policy import PreferencePolicy
     from pipeline.people.service import PeopleService
-    from pipeline.people.store import PeopleStore
-    from pipeline.router.rules import load_rules
-    from pipeline.serialization import serde_from_settings
 
-    return PeopleService(
-        settings,
-        PeopleStore(settings, serde_from_settings(settings)),
-        PreferencePolicy.load(settings.preferences_file),
-        installed_channels(),
-        load_rules(settings.rules_file),
-    )
+    return PeopleService.from_settings(settings)
 
 
 def _report_suppressed(settings: HeraldSettings, topic: str, event_id: str) -> bool:

@@ -580,20 +580,9 @@ def cmd_health(args: argparse.Namespace, settings: HeraldSettings) -> int:
 
 
 def _people_service(settings: HeraldSettings) -> Any:
-    from connectors.registry import installed_channels
-    from pipeline.people.policy import PreferencePolicy
     from pipeline.people.service import PeopleService
-    from pipeline.people.store import PeopleStore
-    from pipeline.router.rules import load_rules
-    from pipeline.serialization import serde_from_settings
 
-    return PeopleService(
-        settings,
-        PeopleStore(settings, serde_from_settings(settings)),
-        PreferencePolicy.load(settings.preferences_file),
-        installed_channels(),
-        load_rules(settings.rules_file),
-    )
+    return PeopleService.from_settings(settings)
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:

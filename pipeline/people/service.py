@@ -76,6 +76,23 @@ class PeopleService:
             else None
         )
 
+    @classmethod
+    def from_settings(cls, settings: HeraldSettings) -> PeopleService:
+        """The service as the CLI and the demo use it: the people topics of ``settings``,
+        the workspace's preference policy, the installed channels and the routing rules.
+        Close ``store`` when done."""
+        from connectors.registry import installed_channels
+        from pipeline.router.rules import load_rules
+        from pipeline.serialization import serde_from_settings
+
+        return cls(
+            settings,
+            PeopleStore(settings, serde_from_settings(settings)),
+            PreferencePolicy.load(settings.preferences_file),
+            installed_channels(),
+            load_rules(settings.rules_file),
+        )
+
     # -- subscribers ------------------------------------------------------------------------
 
     def get_subscriber(self, user_id: str) -> Subscriber:
