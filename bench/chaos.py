@@ -73,7 +73,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -93,6 +92,7 @@ from bench.chaos_accounting import (
 from bench.chaos_inputs import POISON_KINDS, Input, InputWriter, plan_kinds
 from bench.receivers import wait_port
 from devtools.cluster import LocalKafkaCluster
+from devtools.procs import free_port, herald_env
 from pipeline import headers as h
 from pipeline.kafka.admin import ensure_topics
 from pipeline.kafka.local import LocalKafka
@@ -104,12 +104,6 @@ MESSAGE_ID_DOMAIN = "herald.localhost"
 # With a registry outage planned, this share of the inputs is published during it.
 LATE_SHARE = 0.1
 OUTAGE_MAX_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def say(text: str) -> None:
@@ -165,19 +159,8 @@ def argv_python(argv: list[str]) -> list[str]:
 
 
 def env_for(settings: HeraldSettings, log_level: str = "WARNING") -> dict[str, str]:
-    env = {**os.environ, "HERALD_LOG_LEVEL": log_level}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[f"HERALD_{name.upper()}"] = str(value)
-    env["KAFKA_BOOTSTRAP_SERVERS"] = settings.kafka_bootstrap_servers
-    # The ecosystem's name wins over HERALD_SCHEMA_REGISTRY_URL: never inherit the caller's.
-    env.pop("SCHEMA_REGISTRY_URL", None)
-    if settings.schema_registry_url:
-        env["SCHEMA_REGISTRY_URL"] = settings.schema_registry_url
-    return env
+    """The environment of a Herald process with these settings (devtools.procs)."""
+    return herald_env(settings, HERALD_LOG_LEVEL=log_level)
 
 
 def smtp_server_main(args: argparse.Namespace) -> int:
