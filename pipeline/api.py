@@ -40,6 +40,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from html import escape
 from http import HTTPStatus
 from typing import Any
@@ -280,6 +281,34 @@ class NotificationApi:
         )
         return _accepted(accepted)
 
+    async def get_trace(self, request: web.Request) -> web.Response:
+        """What `herald trace ID` prints, as JSON: every record about an event or a
+        notification across the topics and the ledger, in time order (``?since=2h`` reads
+        less). It reads the topics, so it takes as long as they are long."""
+        from pipeline.replay import ReplayError, parse_duration
+        from pipeline.trace import trace
+
+        ident = request.match_info["id"]
+        since = None
+        if request.query.get("since"):
+            try:
+                since = datetime.now(UTC) - parse_duration(request.query["since"])
+            except ReplayError as e:
+                raise BadRequest("Bad Request", str(e)) from None
+        service = self.service
+        entries = await asyncio.to_thread(
+            trace,
+            service.settings,
+            service.publisher.serde,
+            service.ledger,
+            ident,
+            installed_channels(),
+            since,
+        )
+        if not entries:
+            raise NotFound("Not Found", f"nothing about {ident!r} in Herald's topics or ledger")
+        return web.json_response({"id": ident, "records": [e.to_json() for e in entries]})
+
     async def get_notification(self, request: web.Request) -> web.Response:
         nid = request.match_info["notification_id"]
         found = await self.service.deliveries(nid)
@@ -445,6 +474,7 @@ def create_api(
     app.router.add_post("/v1/events/{event_type}", api.post_event)
     app.router.add_post("/v1/notifications", api.post_notification)
     app.router.add_get("/v1/notifications/{notification_id}", api.get_notification)
+    app.router.add_get("/v1/trace/{id}", api.get_trace)
     app.router.add_post("/api/notification", api.post_seed_notification)
     subscriber = "/v1/subscribers/{user_id}"
     app.router.add_put(subscriber, api.put_subscriber)

@@ -85,3 +85,41 @@ def test_dlq_list_show_and_a_redrive_twice_delivers_once(pipeline: Pipeline) -> 
     assert "written=0" in second, second
     p.wait_status(nid, DeliveryState.SENT)
     assert len(p.smtp.to(user["email"])) == 1
+
+
+async def test_the_api_serves_the_same_trace(pipeline: Pipeline) -> None:
+    """GET /v1/trace/{id} answers what `herald trace --json` prints."""
+    import aiohttp
+    from aiohttp import web
+
+    from pipeline.api import create_api
+    from pipeline.sink.ledger import open_ledger
+
+    p = pipeline
+    user = p.user("api-traced")
+    event = p.publisher.publish_sync("user-registered", user)
+    nid = notification_id(event.event_id, "welcome-email", "email", user["email"])
+    p.wait_status(nid, DeliveryState.SENT)
+
+    app = create_api(p.settings, open_ledger(p.settings.ledger_url.get_secret_value()))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            r = await http.get(f"{url}/v1/trace/{nid}")
+            assert r.status == 200, await r.text()
+            body = await r.json()
+            missing = await http.get(f"{url}/v1/trace/no-such-id")
+            assert missing.status == 404
+            assert missing.content_type == "application/problem+json"
+    finally:
+        await runner.cleanup()
+    kinds = [e["kind"] for e in body["records"]]
+    assert body["id"] == nid
+    assert kinds[:3] == ["event", "intent", "status"], kinds
+    assert body["records"][1]["notification_id"] == nid
+    cli = [json.loads(x) for x in herald(p, "trace", nid, "--json").stdout.splitlines() if x]
+    assert [e["where"] for e in cli] == [e["where"] for e in body["records"]]
