@@ -161,7 +161,7 @@ def test_run_all_counts_a_known_flow_and_answers_its_probes(
                     "herald_dead_letters_total",
                     stage="sink",
                     channel="email",
-                    error_class="SMTPRecipientRefused",
+                    error_class="RecipientGone",  # 550 5.1.1: the address does not exist
                 )
                 == 1
             )
@@ -170,7 +170,13 @@ def test_run_all_counts_a_known_flow_and_answers_its_probes(
             assert 0 < sample(m, "herald_delivery_latency_seconds_sum", channel="email") < 120
             assert sample(m, "herald_send_seconds_count", channel="email", outcome="sent") == n - 1
             assert sample(m, "herald_breaker_state", channel="email") == 0
-            assert sample(m, "herald_in_flight", channel="email") == 0
+            # Sent records leave their window at the next group commit (every 50 ms, after
+            # the outputs are acknowledged): in flight drops to 0 soon after the last send.
+            until(
+                "records still in flight",
+                lambda: sample(scrape(base), "herald_in_flight", channel="email") == 0,
+                proc,
+            )
             assert sample(m, "herald_router_held") == 0
 
             # Lag per partition, from librdkafka's statistics: there, and 0 once committed.
