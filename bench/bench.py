@@ -921,9 +921,16 @@ class Bench:
                 # Hold on a moment: buffers that fill while the probe's records flow.
                 time.sleep(self.args.memory_hold)
                 peak = rss_kib(pid).get("VmHWM", 0)
+                done = count()  # with a large backlog it went on working while held
                 peaks[(role, size)] = peak
                 p.stop()
-                self.results.add("memory", f"{role} peak RSS, backlog {size:,}", peak / 1024, "MiB")
+                self.results.add(
+                    "memory",
+                    f"{role} peak RSS, backlog {size:,}",
+                    peak / 1024,
+                    "MiB",
+                    f"({done:,} done when read)",
+                )
             out.close()
         growth = {
             role: ratio(peaks[(role, self.args.backlog)], peaks[(role, probe)])
