@@ -119,10 +119,22 @@ class Results:
         if key in AIMS:
             self.values[key] = value
 
-    def ratio(self, section: str, key: str, how: str, value: float | None) -> None:
-        """A ratio row, ``key (how)``, with its aim next to it, and its RESULT entry."""
-        self.add(section, f"{key} ({how})", value, "x", judge(key, value))
+    def ratio(
+        self,
+        section: str,
+        key: str,
+        how: str,
+        value: float | None,
+        per_cpu: float | None = None,
+    ) -> None:
+        """A ratio row, ``key (how)``, with its aim next to it, and its RESULT entry.
+        ``per_cpu``: the same ratio of records per CPU-second (``key_cpu``), for context."""
+        note = judge(key, value)
         self.put(key, value)
+        if per_cpu is not None:
+            note = f"{note}; per CPU-second {per_cpu:.2f}".lstrip("; ")
+            self.put(f"{key}_cpu", per_cpu)
+        self.add(section, f"{key} ({how})", value, "x", note)
 
     def aims(self) -> str:
         """Every aim with its figure, measured or not."""
@@ -385,6 +397,10 @@ class Bench:
                     self.receiver_cpu = (c1[2] - c0[2]) / (c1[0] - c0[0])
         return steady_rate(samples, target)
 
+    def per_cpu(self, rate: float) -> float | None:
+        """Records per CPU-second of the contender just measured."""
+        return rate / self.cpu if self.cpu else None
+
     def cpu_note(self) -> str:
         if self.cpu is None:
             return ""
@@ -421,6 +437,7 @@ class Bench:
             env,
         )
         bare = self.measure(counter, n, [p])
+        bare_pc = self.per_cpu(bare)
         counter.close()
         self.finish(p)
         self.results.add(
@@ -443,6 +460,7 @@ class Bench:
             self.env(ws),
         )
         work = self.measure(counter, n, [p])
+        work_pc = self.per_cpu(work)
         counter.close()
         self.finish(p)
         self.results.add(
@@ -456,6 +474,7 @@ class Bench:
         counter = self.counter(Topics(s.topic_prefix).notifications("email"))
         p = self.proc("router", self.herald("run", "router"), env | self.router_env)
         herald = self.measure(counter, n, [p])
+        herald_pc = self.per_cpu(herald)
         counter.close()
         p.stop()
         self.results.add(
@@ -465,9 +484,19 @@ class Bench:
             "events/s",
             self.cpu_note(),
         )
-        self.results.ratio("router", "router_ratio", "Herald / bare loop", ratio(herald, bare))
         self.results.ratio(
-            "router", "router_work_ratio", "Herald / its work in a bare loop", ratio(herald, work)
+            "router",
+            "router_ratio",
+            "Herald / bare loop",
+            ratio(herald, bare),
+            ratio(herald_pc, bare_pc),
+        )
+        self.results.ratio(
+            "router",
+            "router_work_ratio",
+            "Herald / its work in a bare loop",
+            ratio(herald, work),
+            ratio(herald_pc, work_pc),
         )
         self.results.put("router_eps", herald, 0)
         self.results.put("work_loop_eps", work, 0)
@@ -504,12 +533,14 @@ class Bench:
             env,
         )
         bare = self.measure(lambda: smtp() - start, n, [p])
+        bare_pc = self.per_cpu(bare)
         self.finish(p)
         self.results.add(
             "email", f"bare aiosmtplib loop, {conns} connections", bare, "msg/s", self.cpu_note()
         )
 
         herald = self.run_sinks("email", s, smtp, n, processes=1)
+        herald_pc = self.per_cpu(herald)
         self.results.add(
             "email",
             f"Herald email sink ({conns} SMTP connections)",
@@ -535,7 +566,9 @@ class Bench:
         self.results.add(
             "email", "naive sink: smtplib, commit per message", naive, "msg/s", self.cpu_note()
         )
-        self.results.ratio("email", "email_ratio", "Herald / bare", ratio(herald, bare))
+        self.results.ratio(
+            "email", "email_ratio", "Herald / bare", ratio(herald, bare), ratio(herald_pc, bare_pc)
+        )
         self.results.ratio("email", "email_speedup", "Herald / naive", ratio(herald, naive))
         self.results.put("email_mps", herald, 0)
         self.email_settings, self.email_smtp = s, smtp
@@ -613,6 +646,7 @@ class Bench:
             env,
         )
         bare = self.measure(lambda: nginx() - start, n, [p])
+        bare_pc = self.per_cpu(bare)
         self.finish(p)
         self.results.add(
             "webhook", f"bare aiohttp loop, {conns} concurrent", bare, "req/s", self.cpu_note()
@@ -622,6 +656,7 @@ class Bench:
         self.webhook_url = nginx.url
         self.webhook_argv = argv
         herald = self.run_sinks("webhook", s, nginx, n, processes=1, argv=argv)
+        herald_pc = self.per_cpu(herald)
         self.results.add(
             "webhook",
             f"Herald webhook sink (max {conns} connections)",
@@ -651,7 +686,13 @@ class Bench:
             "req/s",
             self.cpu_note(),
         )
-        self.results.ratio("webhook", "webhook_ratio", "Herald / bare", ratio(herald, bare))
+        self.results.ratio(
+            "webhook",
+            "webhook_ratio",
+            "Herald / bare",
+            ratio(herald, bare),
+            ratio(herald_pc, bare_pc),
+        )
         self.results.ratio("webhook", "webhook_speedup", "Herald / naive", ratio(herald, naive))
         self.results.put("webhook_rps", herald, 0)
         self.results.put("wrk_rps", wrk, 0)
@@ -989,16 +1030,17 @@ class Bench:
         if "router" not in self.args.skip:
             produce_all(rs, event_records(rs, "pr", 0, n))
             runs.append(("router", rs, self.herald("run", "router"), 6))
-            # The same events through Herald's work alone (its own group, its own output
-            # topics): what the handler costs per event, without the router's framework.
+            # The same kind of events through Herald's work alone: what the handler costs
+            # per event, without the router's framework. Twice the backlog: it is faster.
             ws = self.settings("pw.", topic_partitions=self.args.router_partitions)
             ensure_topics(ws)
+            produce_all(ws, event_records(ws, "pw", 0, 2 * n))
             work = [
                 *("-m", "bench.baselines", "work-loop", "--group", "bench-profile-work"),
-                *("--source", *Topics(rs.topic_prefix).all_events(["user", "order"])),
-                *("--count", str(n), "--seconds", "600"),
+                *("--source", *Topics(ws.topic_prefix).all_events(["user", "order"])),
+                *("--count", str(2 * n), "--seconds", "600"),
             ]
-            runs.append(("router work loop", ws, work, 6))
+            runs.append(("router work loop", ws, work, 4))
         if self.email_smtp is not None:
             produce_all(ss, intent_records(ss, "pe", n, "email"))
             runs.append(("email sink", ss, self.herald("run", "sink", "email"), 3))
