@@ -1,12 +1,17 @@
 """The contenders Herald is measured against, each run as a process of its own:
 
     python -m bench.baselines kafka-loop   ...   bare aiokafka consume -> produce
+    python -m bench.baselines work-loop    ...   consume -> RouterHandler.handle -> produce,
+                                                 one Kafka transaction per batch
     python -m bench.baselines http-loop    ...   bare aiohttp POSTs of prebuilt bodies
     python -m bench.baselines smtp-loop    ...   bare aiosmtplib sendmail of prebuilt messages
     python -m bench.baselines naive-http   ...   Kafka -> synchronous POST -> commit, per message
     python -m bench.baselines naive-smtp   ...   Kafka -> smtplib -> commit, per message
 
-The bare loops do the transport work only: the bodies and messages are built before the
+The work loop does Herald's own work on each event (decode, route, render, encode:
+``RouterHandler.handle``, the router's whole per-event code) in the plainest transactional
+loop, so that the router's framework is measured apart from Herald's work. The other bare
+loops do the transport work only: the bodies and messages are built before the
 clock starts, from the same intents the sinks read (bench/workload.py). The naive sinks do
 everything a sink does in the plainest way: decode, build, send, commit, one at a time.
 Every loop stops by itself: after ``--count`` records or ``--seconds``.
@@ -59,6 +64,80 @@ async def kafka_loop(args: argparse.Namespace) -> int:
     finally:
         await producer.stop()
         await consumer.stop()
+    return 0
+
+
+def _create_handler(settings: HeraldSettings) -> Any:
+    """The router's handler as ``herald run router`` builds it (rules, templates, schemas
+    checked), wherever the router package keeps the function."""
+    try:
+        from pipeline.router.handling import create_handler
+    except ImportError:
+        from pipeline.router.app import create_handler
+    return create_handler(settings)
+
+
+def work_loop(args: argparse.Namespace) -> int:
+    """Consume a batch of events (read_committed), hand each to ``RouterHandler.handle``,
+    produce what it returns and commit the batch's offsets in the same Kafka transaction
+    (confluent-kafka). The output topics are those of ``HERALD_TOPIC_PREFIX``."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from pipeline.kafka.admin import ensure_topics
+
+    settings = HeraldSettings()
+    ensure_topics(settings)
+    handler = _create_handler(settings)
+    consumer = Consumer(settings.consumer_config(args.group))
+    consumer.subscribe(args.source)
+    producer = Producer(settings.producer_config(**{"transactional.id": f"{args.group}-work"}))
+    producer.init_transactions(30)
+
+    # The Kafka client's calls in functions of their own, so that a profile tells them
+    # apart from the handler's work (py-spy shows a call into C as its Python caller).
+    def consume() -> list[Any]:
+        return [m for m in consumer.consume(args.batch, 0.1) if m.error() is None]
+
+    def produce(o: Any) -> None:
+        while True:
+            try:
+                producer.produce(o.topic, o.value, o.key, headers=o.headers)
+                return
+            except BufferError:
+                producer.poll(0.01)
+
+    def commit(offsets: dict[tuple[str, int], int]) -> None:
+        producer.send_offsets_to_transaction(
+            [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+            consumer.consumer_group_metadata(),
+            30,
+        )
+        producer.commit_transaction(30)
+
+    done, deadline = 0, time.monotonic() + args.seconds
+    try:
+        while done < args.count and time.monotonic() < deadline:
+            msgs = consume()
+            if not msgs:
+                continue
+            producer.begin_transaction()
+            offsets: dict[tuple[str, int], int] = {}
+            for m in msgs:
+                outputs = handler.handle(
+                    key=m.key(),
+                    value=m.value(),
+                    headers=m.headers() or [],
+                    topic=m.topic(),
+                    partition=m.partition(),
+                    offset=m.offset(),
+                )
+                for o in outputs:
+                    produce(o)
+                offsets[(m.topic(), m.partition())] = m.offset() + 1
+            commit(offsets)
+            done += len(msgs)
+    finally:
+        consumer.close()
     return 0
 
 
@@ -233,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--source", nargs="+", required=True)
     k.add_argument("--dest", required=True)
     k.add_argument("--group", required=True)
+    w = sub.add_parser("work-loop")
+    w.add_argument("--source", nargs="+", required=True)
+    w.add_argument("--group", required=True)
+    w.add_argument("--batch", type=int, default=500, help="records per transaction, at most")
     for name in ("http-loop", "smtp-loop"):
         s = sub.add_parser(name)
         s.add_argument("--run", required=True, help="the workload's run name")
@@ -251,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.loop == "kafka-loop":
         return asyncio.run(kafka_loop(args))
+    if args.loop == "work-loop":
+        return work_loop(args)
     if args.loop == "http-loop":
         return asyncio.run(http_loop(args))
     if args.loop == "smtp-loop":

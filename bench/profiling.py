@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,14 @@ _COMPONENTS = [
 
 
 def pyspy() -> str | None:
-    venv = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "py-spy"
-    return str(venv) if venv.exists() else shutil.which("py-spy")
+    """py-spy from the checkout's venv, the running interpreter's, or the PATH."""
+    for venv in (
+        Path(__file__).resolve().parent.parent / ".venv" / "bin",
+        Path(sys.executable).parent,
+    ):
+        if (venv / "py-spy").exists():
+            return str(venv / "py-spy")
+    return shutil.which("py-spy")
 
 
 def record(pid: int, seconds: float, out: Path, rate: int = 100) -> subprocess.Popen[bytes]:

@@ -9,25 +9,40 @@ what it accepted, so every contender is measured at the same place: the receiver
   reader thread keeps the last value. With ``dump_dir`` every message is also written to a
   file (``-d``), whose modification time is the receipt time used for latencies.
 - ``wrk``: the reference HTTP rate against the same endpoint.
+- ``DelayReceiver``: a provider that takes its time. Every answer (HTTP 204, or SMTP's 250
+  after the message) comes a fixed delay after the request, as from a provider across a
+  network. Neither nginx (without the echo module) nor smtp-sink (whole seconds only:
+  ``-w 0.05`` is refused as a non-positive delay) can wait 50 ms, so this is a small
+  asyncio server of the bench's own, run as a process of its own
+  (``python -m bench.receivers http|smtp --delay-ms 50 ...``) so that its CPU is not the
+  harness's and can be measured apart. It waits with one timer per request (no task, no
+  thread), answers in request order per connection, and counts what it answered; the
+  count is read over a status port (one line: answered, errors, and the most requests
+  ever waiting for their answer at once and connections ever open at once).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from devtools.procs import free_port
 
-__all__ = ["Nginx", "SmtpSink", "free_port", "wait_port", "wrk_rate"]
+__all__ = ["DelayReceiver", "Nginx", "SmtpSink", "free_port", "wait_port", "wrk_rate"]
 
 NGINX_CONF = """\
 worker_processes 1;
@@ -237,3 +252,260 @@ def wrk_rate(url: str, body: bytes, *, connections: int, seconds: int, work: Pat
     if m is None:
         raise RuntimeError(f"unexpected wrk output: {out}")
     return float(m.group(1))
+
+
+# -- a receiver that answers after a delay ---------------------------------------------------
+
+
+class _Delayed(asyncio.Protocol):
+    """One connection: requests are parsed from the bytes as they come, each answered
+    ``delay`` seconds after it was complete, in order. While an answer is pending the
+    connection reads on (buffers) but starts nothing new, as a server answering one request
+    at a time per connection does."""
+
+    def __init__(self, server: _DelayServer) -> None:
+        self.server = server
+        self.buf = bytearray()
+        self.busy = False
+        self.closing = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections += 1
+        self.server.peak_connections = max(self.server.peak_connections, self.server.connections)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self.advance()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections -= 1
+
+    def advance(self) -> None:
+        """Parse what is buffered; answer at once, or later through ``later``."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def later(self, answer: bytes, *, close: bool = False) -> None:
+        self.busy = True
+        self.server.waiting += 1
+        self.server.peak_waiting = max(self.server.peak_waiting, self.server.waiting)
+        self.server.loop.call_later(self.server.delay, self._answer, answer, close)
+
+    def _answer(self, answer: bytes, close: bool) -> None:
+        self.busy = False
+        self.server.waiting -= 1
+        if self.closing:
+            return
+        self.write(answer)
+        self.server.answered += 1
+        if close and self.transport is not None:
+            self.transport.close()
+            return
+        self.advance()
+
+
+class _Http(_Delayed):
+    """HTTP/1.1 with keep-alive: every request is answered ``204 No Content`` after the
+    delay. Bodies by Content-Length only (what the bench's clients send); anything else is
+    answered 400 at once and counted as an error."""
+
+    ANSWER = b"HTTP/1.1 204 No Content\r\nServer: bench\r\n\r\n"
+    CLOSE = b"HTTP/1.1 204 No Content\r\nServer: bench\r\nConnection: close\r\n\r\n"
+
+    def advance(self) -> None:
+        while not self.busy and not self.closing:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buf[:end]).lower()
+            length = 0
+            m = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
+            if m is not None:
+                length = int(m.group(1))
+            elif b"\r\ntransfer-encoding:" in head:
+                self.server.errors += 1
+                self.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if len(self.buf) < end + 4 + length:
+                return
+            del self.buf[: end + 4 + length]
+            http10 = head.split(b"\r\n", 1)[0].endswith(b"http/1.0")
+            close = b"\r\nconnection: close" in head or http10
+            self.later(self.CLOSE if close else self.ANSWER, close=close)
+
+
+class _Smtp(_Delayed):
+    """Enough SMTP for smtplib and aiosmtplib: EHLO/HELO, MAIL, RCPT, DATA (up to the
+    lone dot), RSET, NOOP, QUIT. The 250 that accepts a message comes after the delay;
+    every other reply at once."""
+
+    EHLO = b"250-bench\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 104857600\r\n"
+
+    def __init__(self, server: _DelayServer) -> None:
+        super().__init__(server)
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.write(b"220 bench ESMTP\r\n")
+
+    def advance(self) -> None:
+        while not self.busy and not self.closing:
+            if self.in_data:
+                if self.buf.startswith(b".\r\n"):
+                    end, skip = 0, 3
+                else:
+                    end = self.buf.find(b"\r\n.\r\n")
+                    skip = 5
+                    if end < 0:
+                        return
+                del self.buf[: end + skip]
+                self.in_data = False
+                self.later(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                return
+            line = bytes(self.buf[:end])
+            del self.buf[: end + 2]
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.write(self.EHLO)
+            elif verb == b"DATA":
+                self.in_data = True
+                self.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            elif verb == b"QUIT":
+                self.write(b"221 Bye\r\n")
+                assert self.transport is not None
+                self.transport.close()
+                return
+            elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                self.write(b"250 Ok\r\n")
+            else:
+                self.server.errors += 1
+                self.write(b"502 5.5.2 Error: command not recognized\r\n")
+
+
+class _DelayServer:
+    def __init__(self, protocol: str, delay: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.factory: Callable[[], _Delayed] = {
+            "http": lambda: _Http(self),
+            "smtp": lambda: _Smtp(self),
+        }[protocol]
+        self.delay = delay
+        self.loop = loop
+        self.answered = 0
+        self.errors = 0
+        self.waiting = self.peak_waiting = 0  # requests waiting for their answer
+        self.connections = self.peak_connections = 0
+
+    async def status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """``status``: one line of counts; ``reset``: the peaks start over from now."""
+        with contextlib.suppress(OSError):
+            if (await reader.readline()).strip() == b"reset":
+                self.peak_waiting, self.peak_connections = self.waiting, self.connections
+        line = f"{self.answered} {self.errors} {self.peak_waiting} {self.peak_connections}\n"
+        writer.write(line.encode())
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    server = _DelayServer(args.protocol, args.delay_ms / 1000, loop)
+    main = await loop.create_server(server.factory, "127.0.0.1", args.port, backlog=4096)
+    status = await asyncio.start_server(server.status, "127.0.0.1", args.status_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with main, status:
+        await stop.wait()
+
+
+class DelayReceiver:
+    """A ``python -m bench.receivers`` process answering HTTP (204) or SMTP (250) after
+    ``delay_ms``; calling it returns how many requests or messages it answered."""
+
+    def __init__(self, protocol: str, work: Path, delay_ms: float) -> None:
+        self.protocol = protocol
+        self.work = work
+        self.delay_ms = delay_ms
+        self.port = free_port()
+        self.status_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> DelayReceiver:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.receivers",
+                self.protocol,
+                *("--port", str(self.port), "--status-port", str(self.status_port)),
+                *("--delay-ms", str(self.delay_ms)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / f"delay-{self.protocol}.log", "ab"),  # noqa: SIM115 - kept by the child
+            start_new_session=True,
+        )
+        wait_port(self.port)
+        wait_port(self.status_port)
+        return self
+
+    def status(self, request: bytes = b"status") -> dict[str, int]:
+        """answered, errors, peak_waiting and peak_connections so far."""
+        with socket.create_connection(("127.0.0.1", self.status_port), timeout=5) as s:
+            s.sendall(request + b"\n")
+            data = b""
+            while chunk := s.recv(64):
+                data += chunk
+        names = ("answered", "errors", "peak_waiting", "peak_connections")
+        return dict(zip(names, map(int, data.split()), strict=True))
+
+    def __call__(self) -> int:
+        return self.status()["answered"]
+
+    def reset_peaks(self) -> None:
+        """The peaks start over from what is waiting and open now."""
+        self.status(b"reset")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.receivers", description="a delaying receiver")
+    p.add_argument("protocol", choices=["http", "smtp"])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--status-port", type=int, required=True)
+    p.add_argument("--delay-ms", type=float, default=50.0)
+    asyncio.run(_serve(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

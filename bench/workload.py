@@ -11,7 +11,8 @@ the functions below from the same numbers.
 - ``preload_events`` / ``preload_intents``: write n of them to a topic quickly (Avro without
   per-record validation: the records are built to match the schema).
 - ``TopicCounter``: a read_committed consumer thread that counts the records of a topic, so
-  transactional output is counted once it is committed (what a downstream reader sees).
+  transactional output is counted once it is committed (what a downstream reader sees);
+  optionally it notes when it saw each record (by the value of one of its headers).
 """
 
 from __future__ import annotations
@@ -214,11 +215,14 @@ def produce_all(
 
 class TopicCounter:
     """Counts committed records of one topic (all partitions, from the beginning) in a
-    thread, sampling (monotonic time, count) for rate computations."""
+    thread, sampling (monotonic time, count) for rate computations. With ``stamp_header``
+    it also keeps, per value of that header, the wall-clock time it read the record."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, stamp_header: str | None = None) -> None:
         self.topic = topic
         self.count = 0
+        self.stamp_header = stamp_header
+        self.seen: dict[str, float] = {}
         self._stop = threading.Event()
         self._consumer = Consumer(
             {
@@ -245,9 +249,15 @@ class TopicCounter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for msg in self._consumer.consume(10_000, 0.005):
+            msgs = self._consumer.consume(10_000, 0.005)
+            now = time.time()
+            for msg in msgs:
                 if msg.error() is None:
                     self.count += 1
+                    if self.stamp_header is not None:
+                        for name, value in msg.headers() or ():
+                            if name == self.stamp_header and value is not None:
+                                self.seen.setdefault(value.decode(), now)
         self._consumer.close()
 
     def __call__(self) -> int:
@@ -265,10 +275,10 @@ def wait_count(
     stall_s: float = 60.0,
     limit_s: float = 1800.0,
     every_s: float = 0.01,
-    on_sample: Callable[[], None] | None = None,
+    on_sample: Callable[[], bool | None] | None = None,
 ) -> list[tuple[float, int]]:
-    """Sample ``counter`` until it reaches ``target``, stalls for ``stall_s`` or ``limit_s``
-    passes. Returns the (monotonic time, count) samples."""
+    """Sample ``counter`` until it reaches ``target``, stalls for ``stall_s``, ``limit_s``
+    passes or ``on_sample`` returns True. Returns the (monotonic time, count) samples."""
     samples = [(time.monotonic(), counter())]
     last_change = samples[0][0]
     while samples[-1][1] < target:
@@ -277,8 +287,8 @@ def wait_count(
         if c != samples[-1][1]:
             last_change = now
         samples.append((now, c))
-        if on_sample is not None:
-            on_sample()
+        if on_sample is not None and on_sample():
+            break
         if now - last_change > stall_s or now - samples[0][0] > limit_s:
             break
     return samples
