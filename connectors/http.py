@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -269,3 +269,33 @@ class HttpClient:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
+
+
+class EndpointSettings(Protocol):
+    """The settings of a connector that posts to endpoints its recipients name (webhook,
+    Slack): what its guarded client is made of."""
+
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+    max_connections: int
+    ca_file: Path | None
+    user_agent: str
+
+
+def endpoint_client(
+    config: EndpointSettings,
+    guard: AddressGuard,
+    socket_factory: aiohttp.SocketFactoryType | None = None,
+) -> HttpClient:
+    """The guarded client of a connector with EndpointSettings."""
+    return HttpClient(
+        guard=guard,
+        connect_timeout_s=config.connect_timeout_s,
+        read_timeout_s=config.read_timeout_s,
+        total_timeout_s=config.total_timeout_s,
+        max_connections=config.max_connections,
+        ca_file=config.ca_file,
+        headers={"user-agent": config.user_agent},
+        socket_factory=socket_factory,
+    )

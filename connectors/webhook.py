@@ -44,7 +44,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from connectors.base import Connector, DeliveryResult
-from connectors.http import Answer, HttpClient
+from connectors.http import Answer, endpoint_client
 from connectors.ssrf import AddressGuard, Resolver, split_hosts
 from pipeline.records import NotificationIntent
 
@@ -217,16 +217,7 @@ class WebhookConnector(Connector):
         self._guard = AddressGuard(config.allow_hosts, resolver)
         # In-flight sends are the runtime's to hold (one per pooled connection).
         self.max_concurrency = max(1, config.max_connections)
-        self._http = HttpClient(
-            guard=self._guard,
-            connect_timeout_s=config.connect_timeout_s,
-            read_timeout_s=config.read_timeout_s,
-            total_timeout_s=config.total_timeout_s,
-            max_connections=config.max_connections,
-            ca_file=config.ca_file,
-            headers={"user-agent": config.user_agent},
-            socket_factory=socket_factory,
-        )
+        self._http = endpoint_client(config, self._guard, socket_factory)
 
     def keys_for(self, url: URL | str) -> Sequence[bytes]:
         """The endpoint's own HMAC keys, else the default ones, else none."""
