@@ -49,6 +49,9 @@ the router committed to notifications.email:
   bounded by what was in flight at each kill);
 - dead_lettered: inputs found in a dead-letter topic;
 - unaccounted: inputs neither delivered nor dead-lettered;
+- not_in_kafka: inputs the producer saw acknowledged that are not in the events topic when
+  it is read back at the end (lost by Kafka before Herald could see them; not counted as
+  unaccounted, but the run fails: it proves nothing about them);
 - router_duplicates: extra committed copies of an intent in notifications.email (records
   beyond the first per herald-notification-id). Under exactly_once a re-routed event's
   intents are in an aborted transaction, so this should be 0; the sinks would absorb them
@@ -58,7 +61,7 @@ The last line is:
 
     RESULT events=N delivered=D lost=L duplicates=X raw_duplicates=R kills=K
            broker_restarts=B seconds=S dead_lettered=E unaccounted=U
-           router_duplicates=C                                   (one line)
+           router_duplicates=C not_in_kafka=K                    (one line)
 
 events counts every input, delivered and dead_lettered the inputs that were. The exit status
 is non-zero when anything is lost, duplicated or unaccounted, when an input met the wrong
@@ -81,6 +84,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from confluent_kafka import Message
 
 from bench.chaos_accounting import (
     DeadLetterSeen,
@@ -462,6 +467,20 @@ def run(args: argparse.Namespace) -> int:
     )
     complete = reader.read(300) and complete
     reader.close()
+    # Every input as Kafka holds it (by key): an input the producer saw acknowledged but
+    # that is not in the topic was lost before Herald could see it; it is reported as such.
+    stored: dict[bytes, tuple[str, int, int]] = {}
+
+    def keep(m: Message) -> None:
+        stored[m.key() or b""] = (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0))
+
+    reader = TopicReader(bootstrap, [topics.events("user")], keep)
+    complete = reader.read(300) and complete
+    reader.close()
+    for item in inputs:
+        item.in_kafka = item.key.encode() in stored
+        if item.in_kafka and item.coords is None:
+            item.coords = stored[item.key.encode()]
     if not complete:
         say("could not read every partition to its end; the accounting below is partial")
     broker.stop()
@@ -508,6 +527,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"WRONG: {line}")
     for item in verdict.unaccounted[:20]:
         say(f"UNACCOUNTED: {item.describe()}")
+    for item in verdict.not_in_kafka[:20]:
+        say(f"NOT IN KAFKA (acknowledged, absent from the topic): {item.describe()}")
     for dl in verdict.stray[:5]:
         say(f"dead letter of no input: {dl}")
     say(
@@ -520,13 +541,14 @@ def run(args: argparse.Namespace) -> int:
         f"duplicates={duplicates} raw_duplicates={raw_duplicates} kills={kills} "
         f"broker_restarts={broker_restarts} seconds={seconds:.0f} "
         f"dead_lettered={verdict.dead_lettered} unaccounted={len(verdict.unaccounted)} "
-        f"router_duplicates={router_duplicates}",
+        f"router_duplicates={router_duplicates} not_in_kafka={len(verdict.not_in_kafka)}",
         flush=True,
     )
     ok = (
         verdict.lost == 0
         and duplicates == 0
         and not verdict.unaccounted
+        and not verdict.not_in_kafka
         and not verdict.wrong
         and len(inputs) == args.events
         and raw_duplicates <= bound

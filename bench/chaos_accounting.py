@@ -122,6 +122,7 @@ class Verdict:
     lost: int = 0  # inputs that must be delivered and were not
     dead_lettered: int = 0  # inputs found in a dead-letter topic
     unaccounted: list[Input] = field(default_factory=list)  # neither
+    not_in_kafka: list[Input] = field(default_factory=list)  # acknowledged, not in the topic
     wrong: list[str] = field(default_factory=list)  # the wrong fate, or the wrong reason
     stray: list[DeadLetterSeen] = field(default_factory=list)  # dead letters of no input
 
@@ -142,6 +143,9 @@ def account(inputs: list[Input], received: set[str], dead_letters: list[DeadLett
     for item in inputs:
         delivered = item.message_id in received
         dls = found.get(item.index, [])
+        if item.in_kafka is False and not delivered and not dls:
+            v.not_in_kafka.append(item)
+            continue
         v.delivered += delivered
         v.dead_lettered += bool(dls)
         if not delivered and not dls:

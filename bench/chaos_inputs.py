@@ -81,6 +81,12 @@ class Input:
     email: str
     message_id: str  # <notification id@domain> of the welcome email it would yield
     coords: tuple[str, int, int] | None = None  # set when Kafka acknowledges it
+    in_kafka: bool | None = None  # found in the events topic when read back (None: not read)
+
+    @property
+    def key(self) -> str:
+        """The record key it is written with (the user id)."""
+        return f"u{self.index}"
 
     @property
     def expectation(self) -> Expectation | None:
@@ -157,10 +163,11 @@ class InputWriter:
         item = Input(index, kind, event_id, email, f"<{nid}@{self.domain}>")
 
         def acked(err: KafkaError | None, msg: Message) -> None:
+            offset = msg.offset()
             if err is not None:
                 self.errors.append(f"{item.describe()}: {err}")
-            else:
-                item.coords = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
+            elif offset is not None:  # None: persisted, says the producer, offset unknown
+                item.coords = (str(msg.topic()), int(msg.partition() or 0), offset)
 
         if kind in (NORMAL, OVERSIZE):
             self.publisher.publish("user-registered", record, on_delivery=acked)

@@ -13,8 +13,9 @@ import logging
 import re
 import time
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec  # what confluent_kafka.admin re-exports
 from confluent_kafka.cimpl import NewTopic
 
 from pipeline.settings import HeraldSettings
@@ -28,6 +29,7 @@ __all__ = [
     "connect_admin",
     "ensure_topics",
     "herald_topics",
+    "wait_writable",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,8 @@ def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> l
     existing = set(metadata)
     missing = [n for n in wanted if n not in existing]
     if not missing:
+        # Perhaps created a moment ago by another process: served before anything writes.
+        wait_writable(admin, wanted)
         return []
     topics = Topics(settings.topic_prefix)
     compacted = set(topics.people())
@@ -178,6 +182,73 @@ def ensure_topics(settings: HeraldSettings, names: list[str] | None = None) -> l
         except KafkaException as e:
             if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    wait_writable(admin, wanted)
     if created:
         log.info("created topics: %s", ", ".join(sorted(created)))
     return created
+
+
+def wait_writable(admin: AdminClient, names: list[str], timeout: float = 60.0) -> None:
+    """Wait until the leader of every partition of ``names`` serves it.
+
+    A broker announces a new partition's leader in its metadata before it has created the
+    partition's log. A producer writing in that window gets NOT_LEADER_OR_FOLLOWER for its
+    first request while a later request to the same partition may already be appended; an
+    idempotent producer then cannot fill the sequence gap and its first records are lost
+    although it reported them delivered (KAFKA-15591, seen here as a missing first record of
+    a fresh partition). Asking each leader for the partition's end offset succeeds only once
+    the log exists, so Herald creates topics and then waits for this before anything writes.
+    """
+    deadline = time.monotonic() + timeout
+    pending: list[TopicPartition] = []
+    unknown = set(names)  # not in the broker's metadata yet
+    while unknown:
+        topics = admin.list_topics(timeout=15).topics
+        for name in sorted(unknown):
+            md = topics.get(name)
+            if md is not None and md.error is None and md.partitions:
+                pending += [TopicPartition(name, p) for p in md.partitions]
+                unknown.discard(name)
+        if unknown and time.monotonic() >= deadline:
+            raise KafkaUnreachableError(
+                f"topics {', '.join(sorted(unknown))} are not in the cluster's metadata "
+                f"{timeout:.0f}s after they were created"
+            )
+        if unknown:
+            time.sleep(0.1)
+    while pending:
+        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
+        futures = admin.list_offsets({tp: latest for tp in pending})
+        waiting: list[TopicPartition] = []
+        last: KafkaException | None = None
+        for tp, fut in futures.items():
+            try:
+                fut.result()
+            except KafkaException as e:
+                if not e.args[0].retriable() and e.args[0].code() not in _NOT_READY:
+                    raise
+                waiting.append(tp)
+                last = e
+        pending = waiting
+        if pending and time.monotonic() >= deadline:
+            raise KafkaUnreachableError(
+                f"{len(pending)} partitions of new topics (first {pending[0].topic}"
+                f"[{pending[0].partition}]) are not served by their leader after "
+                f"{timeout:.0f}s: {_reason(last.args[0]) if last else 'no answer'}"
+            )
+        if pending:
+            time.sleep(0.1)
+
+
+# What a leader answers for a partition it has not created the log of yet.
+_NOT_READY = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError._UNKNOWN_TOPIC,
+        KafkaError.UNKNOWN_TOPIC_ID,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.REPLICA_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+    }
+)

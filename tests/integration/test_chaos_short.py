@@ -19,7 +19,8 @@ RESULT = re.compile(
     r"^RESULT events=(?P<events>\d+) delivered=(?P<delivered>\d+) lost=(?P<lost>\d+) "
     r"duplicates=(?P<duplicates>\d+) raw_duplicates=(?P<raw>\d+) kills=(?P<kills>\d+) "
     r"broker_restarts=(?P<restarts>\d+) seconds=\d+ dead_lettered=(?P<dead>\d+) "
-    r"unaccounted=(?P<unaccounted>\d+) router_duplicates=(?P<router_duplicates>\d+)$",
+    r"unaccounted=(?P<unaccounted>\d+) router_duplicates=(?P<router_duplicates>\d+) "
+    r"not_in_kafka=(?P<not_in_kafka>\d+)$",
     re.MULTILINE,
 )
 EVENTS = 1500
@@ -60,6 +61,7 @@ def check(r: dict[str, int]) -> None:
     assert r["delivered"] == EVENTS - BAD
     assert r["dead"] == BAD
     assert r["unaccounted"] == 0
+    assert r["not_in_kafka"] == 0
     assert r["lost"] == 0
     assert r["duplicates"] == 0
     assert r["raw"] <= r["kills"] * 8 * 3  # in-flight window per sink process
