@@ -239,8 +239,12 @@ class EmailSettings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_ca_file: Path | None = None
     smtp_timeout_s: float = 30.0
-    # Connections kept open to the server, hence sends in flight at once.
-    smtp_connections: int = 4
+    # Connections kept open to the server, hence sends in flight at once. One connection
+    # carries one message at a time and a message costs four round trips (MAIL, RCPT, DATA,
+    # the data), so against a provider 50 ms away the sink sends about this many times
+    # what one connection does (bench/results.md). Lower it for a server that limits
+    # concurrent connections per client.
+    smtp_connections: int = 16
     # An SMTP 421 (server busy or limiting us) pauses the email sink this long.
     smtp_busy_pause_s: float = 30.0
     email_from: str = "Herald <notifications@herald.localhost>"

@@ -207,6 +207,9 @@ class AddressGuard:
             except ValueError:
                 self._names.add(_normal_host(entry))
         self._resolve = resolver or system_resolver
+        # URL hosts check_literal passed: its answer depends only on the host and this
+        # guard's allowlist, and a sink sends many requests to the same few endpoints.
+        self._passed: set[str] = set()
 
     def allowlisted(self, host: str) -> bool:
         """Whether ``host`` itself is allowlisted: listed by name, or an IP literal inside an
@@ -235,6 +238,9 @@ class AddressGuard:
         """Checks a URL host that aiohttp connects to without resolving: an IP address in any
         spelling aiohttp takes for one (a ``:``, or only digits and dots). Names pass (the
         resolver checks them). Raises ForbiddenAddressError."""
+        if host in self._passed:
+            return
+        checked = host
         host = host.strip("[]")
         ip = _parse_ip(host)
         if ip is None:
@@ -244,6 +250,8 @@ class AddressGuard:
             if ip is None:  # nothing a socket could connect to; refuse rather than guess
                 raise ForbiddenAddressError(host, host, "not an IP address Herald can check")
         self._check(host, str(ip), ip)
+        if len(self._passed) < 1024:
+            self._passed.add(checked)
 
     async def vet(self, host: str, port: int) -> list[str]:
         """The addresses to connect to for ``host``: every one it resolves to, each checked.
