@@ -46,7 +46,7 @@ demo: install kafka-jars
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check pipeline connectors devtools tests
+	$(BIN)/ruff format --check pipeline connectors devtools bench tests
 	$(BIN)/mypy
 
 # The gRPC API's Python code in pipeline/proto, from proto/ (committed; tests/unit/test_proto.py

@@ -34,7 +34,7 @@ from pipeline.settings import HeraldSettings
 async def kafka_loop(args: argparse.Namespace) -> int:
     """Forward every record of the source topics to ``--dest``: consume a batch, send each
     record, wait for the acknowledgements, commit. At least once, no transactions."""
-    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     consumer = AIOKafkaConsumer(
         *args.source,

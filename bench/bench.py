@@ -763,8 +763,12 @@ class Bench:
                 ],
                 env,
             )
+
+            def sent_since(r: DelayReceiver = receiver, st: int = start) -> int:
+                return r() - st
+
             naive = self.measure(
-                lambda r=receiver, st=start: r() - st,
+                sent_since,
                 n,
                 [p],
                 stall_s=30,

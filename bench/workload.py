@@ -255,9 +255,9 @@ class TopicCounter:
                 if msg.error() is None:
                     self.count += 1
                     if self.stamp_header is not None:
-                        for name, value in msg.headers() or ():
-                            if name == self.stamp_header and value is not None:
-                                self.seen.setdefault(value.decode(), now)
+                        stamp = h.as_dict(msg.headers()).get(self.stamp_header)
+                        if stamp is not None:
+                            self.seen.setdefault(stamp, now)
         self._consumer.close()
 
     def __call__(self) -> int:
