@@ -164,8 +164,10 @@ def argv_python(argv: list[str]) -> list[str]:
 
 
 def env_for(settings: HeraldSettings, log_level: str = "WARNING") -> dict[str, str]:
-    """The environment of a Herald process with these settings (devtools.procs)."""
-    return herald_env(settings, HERALD_LOG_LEVEL=log_level)
+    """The environment of a Herald process with these settings (devtools.procs), without
+    the /metrics endpoint: the harnesses run several Herald processes on one host, which
+    would all ask for the same port."""
+    return herald_env(settings, HERALD_LOG_LEVEL=log_level, HERALD_OBSERVE_PORT="0")
 
 
 def smtp_server_main(args: argparse.Namespace) -> int:

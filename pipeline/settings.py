@@ -319,6 +319,7 @@ class HeraldSettings(BaseSettings):
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": self.sink_session_timeout_ms,
             "heartbeat.interval.ms": max(500, self.sink_session_timeout_ms // 5),
+            "queued.max.messages.kbytes": PREFETCH_KBYTES,
         }
         if self.sink_instance_id:
             conf["group.instance.id"] = self.sink_instance_id
@@ -377,12 +378,20 @@ class HeraldSettings(BaseSettings):
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": int(self.router_session_timeout_s * 1000),
             "heartbeat.interval.ms": max(500, int(self.router_session_timeout_s * 200)),
+            "queued.max.messages.kbytes": PREFETCH_KBYTES,
         }
         conf.update(extra)
         return conf
 
     def admin_config(self, **extra: Any) -> dict[str, Any]:
         return self.client_config(**extra)
+
+
+# What a consumer fetches ahead of its application: librdkafka's default (64 MiB) lets a
+# router or sink facing a backlog of small records hold hundreds of thousands of them in
+# memory, which buys nothing once a batch is always waiting; 8 MiB still holds several
+# records of the largest size Herald writes (HERALD_MAX_RECORD_BYTES).
+PREFETCH_KBYTES = 8192
 
 
 def _without_user_info(urls: str) -> tuple[str, str | None]:

@@ -30,11 +30,14 @@ from typing import Protocol
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._listoffsets import OffsetSpec  # what confluent_kafka.admin re-exports
 
 from pipeline.serialization import RegistryUnavailableError
 from pipeline.settings import HeraldSettings
@@ -46,6 +49,15 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 BATCH = 500
 POLL_S = 0.05
+# What a broker answers for a partition it cannot serve yet.
+_PASSING = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.UNKNOWN_LEADER_EPOCH,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+)
 
 
 class TableSink(Protocol):
@@ -89,6 +101,7 @@ class TableReader:
         self._rounds: list[_Round] = []
         self._eof: dict[TP, int] = {}  # where the consumer last reached the end
         self._epoch: dict[TP, int] = {}  # the tables' epoch of each assignment
+        self._admin: AdminClient | None = None  # asks for end offsets (see _offsets)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="herald-people-tables", daemon=True)
@@ -121,6 +134,7 @@ class TableReader:
             conf.pop("group.instance.id", None)
             conf["enable.partition.eof"] = True
             consumer = Consumer(conf)
+            self._admin = AdminClient(self.settings.admin_config())
             initial = []
             for topic in self.global_topics:
                 md = consumer.list_topics(topic, timeout=30).topics.get(topic)
@@ -208,32 +222,47 @@ class TableReader:
         if not tps:
             return
         r = _Round(self.clock_ms())
-        for topic, partition in sorted(tps):
-            low, high = self._watermarks(consumer, TopicPartition(topic, partition))
+        lows = self._offsets(sorted(tps), OffsetSpec.earliest())  # type: ignore[no-untyped-call]
+        highs = self._offsets(sorted(tps), OffsetSpec.latest())  # type: ignore[no-untyped-call]
+        for tp in sorted(tps):
             # Nothing to read (empty, or every record deleted): complete at once.
-            r.ends[(topic, partition)] = int(high) if high > low else 0
+            r.ends[tp] = highs[tp] if highs[tp] > lows[tp] else 0
         self._rounds.append(r)
         self._check_rounds(consumer)
 
-    def _watermarks(self, consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
-        """Low and high watermark; retried while the broker answers with a passing error
-        (a leader not known yet, right after the topic was created or a broker restarted)."""
+    def _offsets(self, tps: list[TP], spec: OffsetSpec) -> dict[TP, int]:
+        """The partitions' offsets for ``spec`` (earliest, or latest: the last stable offset,
+        as a read_committed reader sees it), in one request per broker; retried while a
+        broker answers with a passing error (a leader not known yet, right after the topic
+        was created or a broker restarted).
+
+        Asked through an admin client, not the reader's consumer: a consumer's offset
+        request waits behind its own fetch, which the broker holds up to fetch.wait.max.ms
+        when there is nothing new, so twelve partitions asked one by one took six seconds
+        and every event newer than the last round waited for that."""
+        assert self._admin is not None  # noqa: S101 - made in _run() before any round
+        found: dict[TP, int] = {}
+        pending = list(tps)
         for attempt in range(1, 61):
-            try:
-                low, high = consumer.get_watermark_offsets(tp, timeout=10)
-                return int(low), int(high)
-            except KafkaException as e:
-                err = e.args[0]
-                passing = err.retriable() or err.code() in (
-                    KafkaError.NOT_LEADER_FOR_PARTITION,
-                    KafkaError.LEADER_NOT_AVAILABLE,
-                    KafkaError.UNKNOWN_TOPIC_OR_PART,
-                    KafkaError._TIMED_OUT,
-                    KafkaError._TRANSPORT,
-                )
-                if not passing or attempt == 60 or self._stopping.is_set():
-                    raise
-                time.sleep(0.25)
+            futures = self._admin.list_offsets(
+                {TopicPartition(t, p): spec for t, p in pending},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=10,
+            )
+            again = []
+            for tp, fut in futures.items():
+                try:
+                    found[(tp.topic, tp.partition)] = int(fut.result().offset)
+                except KafkaException as e:
+                    err = e.args[0]
+                    passing = err.retriable() or err.code() in _PASSING
+                    if not passing or attempt == 60 or self._stopping.is_set():
+                        raise
+                    again.append((tp.topic, tp.partition))
+            if not again:
+                return found
+            pending = again
+            time.sleep(0.25)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_rounds(self, consumer: Consumer) -> None:
