@@ -320,6 +320,7 @@ class HeraldSettings(BaseSettings):
             "session.timeout.ms": self.sink_session_timeout_ms,
             "heartbeat.interval.ms": max(500, self.sink_session_timeout_ms // 5),
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
+            "queued.min.messages": PREFETCH_MESSAGES,
         }
         if self.sink_instance_id:
             conf["group.instance.id"] = self.sink_instance_id
@@ -379,6 +380,7 @@ class HeraldSettings(BaseSettings):
             "session.timeout.ms": int(self.router_session_timeout_s * 1000),
             "heartbeat.interval.ms": max(500, int(self.router_session_timeout_s * 200)),
             "queued.max.messages.kbytes": PREFETCH_KBYTES,
+            "queued.min.messages": PREFETCH_MESSAGES,
         }
         conf.update(extra)
         return conf
@@ -392,6 +394,9 @@ class HeraldSettings(BaseSettings):
 # memory, which buys nothing once a batch is always waiting; 8 MiB still holds several
 # records of the largest size Herald writes (HERALD_MAX_RECORD_BYTES).
 PREFETCH_KBYTES = 8192
+# ... and at most this many records per partition (librdkafka's default, 100,000, is what
+# keeps fetching while a backlog of small records waits).
+PREFETCH_MESSAGES = 2000
 
 
 def _without_user_info(urls: str) -> tuple[str, str | None]:

@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 
 TP = tuple[str, int]
 BATCH = 500
-POLL_S = 0.05
+# How long the reader waits for records before it looks at its requests: a catch-up round an
+# event is waiting for starts at most this late.
+POLL_S = 0.01
 # What a broker answers for a partition it cannot serve yet.
 _PASSING = (
     KafkaError.NOT_LEADER_FOR_PARTITION,
