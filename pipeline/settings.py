@@ -319,8 +319,7 @@ class HeraldSettings(BaseSettings):
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": self.sink_session_timeout_ms,
             "heartbeat.interval.ms": max(500, self.sink_session_timeout_ms // 5),
-            "queued.max.messages.kbytes": PREFETCH_KBYTES,
-            "queued.min.messages": PREFETCH_MESSAGES,
+            **PREFETCH,
         }
         if self.sink_instance_id:
             conf["group.instance.id"] = self.sink_instance_id
@@ -379,8 +378,7 @@ class HeraldSettings(BaseSettings):
             "partition.assignment.strategy": "cooperative-sticky",
             "session.timeout.ms": int(self.router_session_timeout_s * 1000),
             "heartbeat.interval.ms": max(500, int(self.router_session_timeout_s * 200)),
-            "queued.max.messages.kbytes": PREFETCH_KBYTES,
-            "queued.min.messages": PREFETCH_MESSAGES,
+            **PREFETCH,
         }
         conf.update(extra)
         return conf
@@ -389,14 +387,18 @@ class HeraldSettings(BaseSettings):
         return self.client_config(**extra)
 
 
-# What a consumer fetches ahead of its application: librdkafka's default (64 MiB) lets a
-# router or sink facing a backlog of small records hold hundreds of thousands of them in
-# memory, which buys nothing once a batch is always waiting; 8 MiB still holds several
-# records of the largest size Herald writes (HERALD_MAX_RECORD_BYTES).
-PREFETCH_KBYTES = 8192
-# ... and at most this many records per partition (librdkafka's default, 100,000, is what
-# keeps fetching while a backlog of small records waits).
-PREFETCH_MESSAGES = 2000
+# What a consumer fetches ahead of its application. librdkafka's defaults (100,000 records
+# per partition, 64 MiB) let a router or sink facing a backlog of small records hold hundreds
+# of thousands of them in memory, which buys nothing once a batch is always waiting: at most
+# 2,000 per partition and 8 MiB in all (still several records of the largest size Herald
+# writes, HERALD_MAX_RECORD_BYTES). A partition over those bounds is fetched again after
+# fetch.queue.backoff.ms, by default a second: which a sink whose window drains its queue
+# in milliseconds would add to every notification's latency.
+PREFETCH: dict[str, Any] = {
+    "queued.min.messages": 2000,
+    "queued.max.messages.kbytes": 8192,
+    "fetch.queue.backoff.ms": 10,
+}
 
 
 def _without_user_info(urls: str) -> tuple[str, str | None]:
