@@ -133,7 +133,15 @@ async def test_event_and_direct_notification_are_delivered(api: str, pipeline: P
         pipeline.wait_status(nid, DeliveryState.SENT)
         assert len(pipeline.smtp.to(body["recipient"])) == 1
 
-        r = await http.get(f"{api}/v1/notifications/{nid}")
+        # The sink acknowledges a record's status before it writes the outcome to the ledger
+        # (sink/checkpoint.py: flush, then record), so the API may answer 404 a moment after
+        # the status record is visible.
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            r = await http.get(f"{api}/v1/notifications/{nid}")
+            if r.status != 404 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
         assert r.status == 200
         [delivery] = (await r.json())["deliveries"]
         assert delivery["state"] == "SENT" and delivery["channel"] == "email"
