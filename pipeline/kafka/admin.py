@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
+from confluent_kafka import IsolationLevel, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec  # what confluent_kafka.admin re-exports
 from confluent_kafka.cimpl import NewTopic
@@ -29,6 +30,7 @@ __all__ = [
     "connect_admin",
     "ensure_topics",
     "herald_topics",
+    "list_offsets",
     "wait_writable",
 ]
 
@@ -216,31 +218,56 @@ def wait_writable(admin: AdminClient, names: list[str], timeout: float = 60.0) -
             )
         if unknown:
             time.sleep(0.1)
+    remaining = max(0.0, deadline - time.monotonic())
+    list_offsets(admin, pending, OffsetSpec.latest(), timeout=remaining)  # type: ignore[no-untyped-call]
+
+
+def list_offsets(
+    admin: AdminClient,
+    partitions: list[TopicPartition],
+    spec: OffsetSpec,
+    *,
+    timeout: float = 60.0,
+    stopping: Callable[[], bool] = lambda: False,
+) -> dict[tuple[str, int], int]:
+    """The partitions' offsets for ``spec`` (latest: the last stable offset, as a
+    read_committed reader sees it), in one request per broker. Partitions whose leader
+    cannot serve them yet (just created, a broker restarting) are asked again every 100 ms;
+    after ``timeout`` (or once ``stopping()``) KafkaUnreachableError names them. Any other
+    error is raised as the KafkaException it is."""
+    deadline = time.monotonic() + timeout
+    found: dict[tuple[str, int], int] = {}
+    pending = list(partitions)
     while pending:
-        latest = OffsetSpec.latest()  # type: ignore[no-untyped-call]
-        futures = admin.list_offsets({tp: latest for tp in pending})
+        futures = admin.list_offsets(
+            {tp: spec for tp in pending},
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=10,
+        )
         waiting: list[TopicPartition] = []
         last: KafkaException | None = None
         for tp, fut in futures.items():
             try:
-                fut.result()
+                found[(tp.topic, tp.partition)] = int(fut.result().offset)
             except KafkaException as e:
                 if not e.args[0].retriable() and e.args[0].code() not in _NOT_READY:
                     raise
                 waiting.append(tp)
                 last = e
         pending = waiting
-        if pending and time.monotonic() >= deadline:
+        if pending and (time.monotonic() >= deadline or stopping()):
             raise KafkaUnreachableError(
-                f"{len(pending)} partitions of new topics (first {pending[0].topic}"
-                f"[{pending[0].partition}]) are not served by their leader after "
-                f"{timeout:.0f}s: {_reason(last.args[0]) if last else 'no answer'}"
+                f"{len(pending)} partitions (first {pending[0].topic}[{pending[0].partition}]) "
+                f"are not served by their leader after {timeout:.0f}s: "
+                f"{_reason(last.args[0]) if last else 'no answer'}"
             )
         if pending:
             time.sleep(0.1)
+    return found
 
 
-# What a leader answers for a partition it has not created the log of yet.
+# What a cluster answers for a partition no leader serves yet: not created, leader not
+# known or moving, or the request lost on the way. Asked again until the timeout.
 _NOT_READY = frozenset(
     {
         KafkaError.NOT_LEADER_FOR_PARTITION,
@@ -250,5 +277,8 @@ _NOT_READY = frozenset(
         KafkaError.LEADER_NOT_AVAILABLE,
         KafkaError.REPLICA_NOT_AVAILABLE,
         KafkaError.UNKNOWN_LEADER_EPOCH,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._NOENT,  # no leader known for the partition (yet)
     }
 )

@@ -30,7 +30,6 @@ from typing import Protocol
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
-    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
@@ -39,6 +38,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec  # what confluent_kafka.admin re-exports
 
+from pipeline.kafka.admin import list_offsets
 from pipeline.serialization import RegistryUnavailableError
 from pipeline.settings import HeraldSettings
 
@@ -51,15 +51,6 @@ BATCH = 500
 # How long the reader waits for records before it looks at its requests: a catch-up round an
 # event is waiting for starts at most this late.
 POLL_S = 0.01
-# What a broker answers for a partition it cannot serve yet.
-_PASSING = (
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.UNKNOWN_TOPIC_OR_PART,
-    KafkaError.UNKNOWN_LEADER_EPOCH,
-    KafkaError._TIMED_OUT,
-    KafkaError._TRANSPORT,
-)
 
 
 class TableSink(Protocol):
@@ -233,39 +224,21 @@ class TableReader:
         self._check_rounds(consumer)
 
     def _offsets(self, tps: list[TP], spec: OffsetSpec) -> dict[TP, int]:
-        """The partitions' offsets for ``spec`` (earliest, or latest: the last stable offset,
-        as a read_committed reader sees it), in one request per broker; retried while a
-        broker answers with a passing error (a leader not known yet, right after the topic
-        was created or a broker restarted).
+        """The partitions' offsets for ``spec`` (earliest, or latest: the last stable offset),
+        in one request per broker.
 
         Asked through an admin client, not the reader's consumer: a consumer's offset
         request waits behind its own fetch, which the broker holds up to fetch.wait.max.ms
         when there is nothing new, so twelve partitions asked one by one took six seconds
         and every event newer than the last round waited for that."""
         assert self._admin is not None  # noqa: S101 - made in _run() before any round
-        found: dict[TP, int] = {}
-        pending = list(tps)
-        for attempt in range(1, 61):
-            futures = self._admin.list_offsets(
-                {TopicPartition(t, p): spec for t, p in pending},
-                isolation_level=IsolationLevel.READ_COMMITTED,
-                request_timeout=10,
-            )
-            again = []
-            for tp, fut in futures.items():
-                try:
-                    found[(tp.topic, tp.partition)] = int(fut.result().offset)
-                except KafkaException as e:
-                    err = e.args[0]
-                    passing = err.retriable() or err.code() in _PASSING
-                    if not passing or attempt == 60 or self._stopping.is_set():
-                        raise
-                    again.append((tp.topic, tp.partition))
-            if not again:
-                return found
-            pending = again
-            time.sleep(0.25)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return list_offsets(
+            self._admin,
+            [TopicPartition(t, p) for t, p in tps],
+            spec,
+            timeout=15.0,
+            stopping=self._stopping.is_set,
+        )
 
     def _check_rounds(self, consumer: Consumer) -> None:
         if not self._rounds:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._listoffsets import OffsetSpec
 
-from pipeline.kafka.admin import ensure_topics
+from pipeline.kafka.admin import KafkaUnreachableError, ensure_topics, list_offsets
 from pipeline.settings import HeraldSettings
 from tests.conftest import unique_prefix
 
@@ -37,3 +38,10 @@ def test_ensure_topics_waits_for_topics_another_process_created(settings: Herald
     names = [f"{s.topic_prefix}shared"]
     assert ensure_topics(s, names) == names
     assert ensure_topics(s, names) == []  # exists: nothing created, returns at once
+
+
+def test_a_partition_no_leader_serves_is_named_after_the_timeout(settings: HeraldSettings) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    absent = TopicPartition(f"{unique_prefix()}absent", 3)  # no broker will ever serve it
+    with pytest.raises(KafkaUnreachableError, match=r"absent\[3\]\) are not served"):
+        list_offsets(admin, [absent], OffsetSpec.latest(), timeout=1)
