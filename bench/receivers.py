@@ -80,6 +80,17 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a receiver still running; SIGKILL it if it has not gone in 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _shm() -> str | None:
     """tmpfs when there is one: dumps are many small files."""
     shm = "/dev/shm"  # noqa: S108 - a fresh mkdtemp directory inside it
@@ -208,13 +219,8 @@ class SmtpSink:
         return out
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
         if self._reader is not None:
             self._reader.join(5)
 
@@ -488,13 +494,8 @@ class DelayReceiver:
         self.status(b"reset")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 def main(argv: list[str] | None = None) -> int:
